@@ -1,0 +1,32 @@
+"""hen_fast: fused Modern Hopfield Network retrieval over very large memory banks.
+
+The public API. Importing it needs no GPU and no compiled extension.
+"""
+
+from . import reference
+from .api import retrieve
+from .backends import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    register_backend,
+    registered_backends,
+)
+from .info import RetrieveInfo
+from .reference import SEPARATIONS, SIMILARITIES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "RetrieveInfo",
+    "SEPARATIONS",
+    "SIMILARITIES",
+    "available_backends",
+    "reference",
+    "register_backend",
+    "registered_backends",
+    "retrieve",
+    "__version__",
+]

@@ -1,0 +1,193 @@
+"""``hen_fast.retrieve``: argument checking and backend dispatch."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+from .backends import select_backend
+from .info import RetrieveInfo
+from .reference import SEPARATIONS, SIMILARITIES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def retrieve(
+    queries: Tensor,
+    memories: Tensor,
+    values: Tensor | None = None,
+    *,
+    beta: float = 1.0,
+    similarity: str = "dot",
+    separation: str = "softmax",
+    alpha: float = 1.5,
+    degree: float = 10,
+    steps: int = 1,
+    tol: float | None = None,
+    clamp_mask: Tensor | None = None,
+    backend: str = "auto",
+    return_info: bool = False,
+    check_finite: bool = True,
+) -> Tensor | tuple[Tensor, RetrieveInfo]:
+    """Modern Hopfield retrieval: ``x <- Sep(beta * sim(K, x)) V``, ``steps`` times.
+
+    Args:
+        queries: ``(B, d)`` or a single ``(d,)`` query.
+        memories: the keys ``K``, ``(M, d)``.
+        values: ``(M, dv)``; default the memories themselves (auto-association).
+        beta: inverse temperature, multiplies the scores (never the output); finite, ``> 0``.
+        similarity: ``"dot"`` (``x.k``), ``"l2"`` (``-||x - k||^2``) or ``"manhattan"``
+            (``-||x - k||_1``).
+        separation: ``"softmax"``, ``"sparsemax"``, ``"entmax"`` (parameter ``alpha`` in (1, 2);
+            alpha -> 1 is softmax, 2 is sparsemax) or ``"polynomial"`` (weights proportional to
+            ``relu(beta * score) ** degree``, ``dot`` only; a query whose scores are all ``<= 0``
+            gets zero weights and a zero output).
+        alpha: the entmax parameter (``separation="entmax"`` only).
+        degree: the polynomial degree, ``>= 1`` (``separation="polynomial"`` only).
+        steps: updates to apply, ``>= 1``; more than one needs ``dv == d``.
+        tol: with ``steps > 1``, a query stops once an update moves it by at most ``tol``
+            (Euclidean norm); None runs every step.
+        clamp_mask: boolean, broadcastable to the queries: components held at their query value
+            after every update (partial cues, hetero-association). Needs ``dv == d``.
+        backend: ``"auto"`` (the fastest available for the inputs' device) or a name from
+            :func:`hen_fast.available_backends`.
+        return_info: also return a :class:`~hen_fast.RetrieveInfo`.
+        check_finite: reject NaN/Inf in the inputs (one extra read of the bank).
+
+    Returns:
+        ``(B, dv)`` (or ``(dv,)`` for a single query) in the queries' dtype, and the info when
+        ``return_info``. Computation is in float32 (float64 when any input is float64).
+
+    Raises:
+        TypeError: a non-tensor, or an integer, complex or boolean tensor where a float is needed.
+        ValueError: any other bad argument, naming it, what it got and what was expected;
+            :class:`~hen_fast.BackendUnavailableError` for a named backend that cannot run here.
+    """
+    single = _check_tensor("queries", queries, (1, 2))
+    _check_tensor("memories", memories, (2,))
+    if values is not None:
+        _check_tensor("values", values, (2,))
+    queries2d = queries.unsqueeze(0) if single else queries
+    num_queries, dim = queries2d.shape
+    num_memories = memories.shape[0]
+    if num_queries == 0:
+        raise ValueError("queries must hold at least one query, got shape "
+                         f"{tuple(queries.shape)}")
+    if dim == 0:
+        raise ValueError(f"queries must have at least one feature, got shape {tuple(queries.shape)}")
+    if num_memories == 0:
+        raise ValueError(f"memories is empty (shape {tuple(memories.shape)}): store at least one "
+                         "pattern")
+    if memories.shape[1] != dim:
+        raise ValueError(f"memories must have the queries' dimension d={dim}, got shape "
+                         f"{tuple(memories.shape)}")
+    if values is not None and values.shape[0] != num_memories:
+        raise ValueError(f"values must have one row per memory ({num_memories}), got shape "
+                         f"{tuple(values.shape)}")
+    value_dim = dim if values is None else values.shape[1]
+    if value_dim == 0:
+        raise ValueError(f"values must have at least one column, got shape {tuple(values.shape)}")
+    _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask)
+
+    beta = _check_real("beta", beta, positive=True)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if separation not in SEPARATIONS:
+        raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
+    if separation == "entmax":
+        alpha = _check_real("alpha", alpha)
+        if not 1.0 < alpha < 2.0:
+            raise ValueError(f"alpha must lie in the open interval (1, 2) for entmax (use "
+                             f"'softmax' for 1, 'sparsemax' for 2), got {alpha}")
+    if separation == "polynomial":
+        degree = _check_real("degree", degree)
+        if degree < 1:
+            raise ValueError(f"degree must be >= 1, got {degree}")
+        if similarity != "dot":
+            raise ValueError(f"separation 'polynomial' is defined for similarity 'dot' only "
+                             f"(distance scores are all <= 0), got similarity {similarity!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if tol is not None:
+        tol = _check_real("tol", tol)
+        if tol < 0:
+            raise ValueError(f"tol must be >= 0 or None, got {tol}")
+    if steps > 1 and value_dim != dim:
+        raise ValueError(f"steps > 1 feeds each output back as the next query, so values must "
+                         f"have the queries' dimension d={dim}, got dv={value_dim}")
+    if clamp_mask is not None:
+        clamp_mask = _check_mask(clamp_mask, queries, value_dim)
+    for flag_name, flag in (("return_info", return_info), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+    if check_finite:
+        for name, tensor in (("queries", queries), ("memories", memories), ("values", values)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} contains NaN or Inf; clean the input or pass "
+                                 "check_finite=False to skip this check")
+
+    impl = select_backend(backend, queries.device)
+    out, info = impl.retrieve(
+        queries2d, memories, values, beta=beta, similarity=similarity, separation=separation,
+        alpha=alpha, degree=degree, steps=int(steps), tol=tol, clamp_mask=clamp_mask,
+        return_info=return_info,
+    )
+    if single:
+        out = out.squeeze(0)
+        info = None if info is None else info.squeeze()
+    return (out, info) if return_info else out
+
+
+def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
+    """Type, dtype and rank of an input; returns whether it is a single 1-D vector."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+                        f"float64), got {tensor.dtype}")
+    if tensor.dim() not in dims:
+        shapes = " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}")
+    return tensor.dim() == 1
+
+
+def _check_devices(**tensors) -> None:
+    placed = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(placed.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in placed.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def _check_real(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _check_mask(clamp_mask, queries: Tensor, value_dim: int) -> Tensor:
+    if not isinstance(clamp_mask, Tensor):
+        raise TypeError(f"clamp_mask must be a torch.Tensor, got {type(clamp_mask).__name__}")
+    if clamp_mask.dtype != torch.bool:
+        raise TypeError(f"clamp_mask must be a bool tensor, got {clamp_mask.dtype}")
+    if value_dim != queries.shape[-1]:
+        raise ValueError(f"clamp_mask holds components of the query in the output, so values must "
+                         f"have the queries' dimension d={queries.shape[-1]}, got dv={value_dim}")
+    try:
+        torch.broadcast_shapes(clamp_mask.shape, queries.shape)
+        expanded = clamp_mask.broadcast_to(queries.shape)
+    except RuntimeError:
+        raise ValueError(f"clamp_mask of shape {tuple(clamp_mask.shape)} does not broadcast to the "
+                         f"queries' shape {tuple(queries.shape)}") from None
+    return expanded.reshape(-1, queries.shape[-1])

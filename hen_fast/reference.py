@@ -1,0 +1,528 @@
+"""Pure-PyTorch retrieval: the oracle every backend is tested against, and the ``torch`` backend.
+
+Two implementations live here:
+
+* :func:`retrieve` streams over the memory bank in chunks (one chunk = the dense path), so the
+  extra memory is O(B * (d + dv + chunk)), never O(B * M) (with autograd on, the graph keeps each
+  chunk's scores for the backward pass). Softmax and polynomial weights use an online normaliser
+  (a running maximum that rescales the partial sums); sparsemax and entmax thresholds are exact
+  across chunks: a first pass keeps each query's ``candidates`` highest scores, the threshold is
+  solved exactly on them, and it is provably the threshold of the whole row when it lies at or
+  above the smallest kept score; the rare rows where it does not (supports larger than the buffer)
+  are finished by Newton passes over the bank (see :func:`_newton_threshold`). Exact in the
+  accumulation dtype and differentiable by autograd, implicit threshold gradient included.
+* :func:`naive_retrieve` is the deliberately plain float64 computation that materialises every
+  score and pairwise difference, with a 200-step bisection for the sparse thresholds. It shares no
+  code with :func:`retrieve` and exists to check it (small problems only).
+
+Conventions (DESIGN.md): scores ``z = beta * sim``; ``l2`` similarity is ``-||x - k||^2`` and is
+evaluated as ``2 x.k - ||k||^2`` (each row's ``-||x||^2`` cancels in every separation but the
+polynomial one, which is defined for ``dot`` only); entmax with parameter alpha is
+``p = [(alpha - 1) z - tau]_+ ^ (1 / (alpha - 1))`` with ``tau`` such that ``sum p = 1``, sparsemax
+is alpha = 2; polynomial weights are ``relu(z) ** degree`` normalised, zero for an all-non-positive
+row. Half-precision inputs are computed in float32, float64 inputs in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .info import RetrieveInfo
+
+SIMILARITIES = ("dot", "l2", "manhattan")
+SEPARATIONS = ("softmax", "sparsemax", "entmax", "polynomial")
+# Softmax weights are never exactly zero; "support" counts those above this.
+SOFTMAX_SUPPORT_EPS = 1e-6
+# Auto chunking: the whole B x M score matrix when it has at most this many entries, else chunks of
+# about CHUNK_SCORES entries (a few MB: cache-sized, and large enough that the matmuls stay efficient).
+DENSE_MAX_SCORES = 1 << 22
+CHUNK_SCORES = 1 << 20
+MIN_CHUNK = 128
+# Candidate scores kept per query in the threshold pass. In the Hopfield regime (large beta) the
+# support is a handful of memories, so the threshold is almost always settled by this buffer alone.
+DEFAULT_CANDIDATES = 256
+NEWTON_MAX_ITERS = 100
+
+
+def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half-precision inputs accumulate in float32)."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def separation_alpha(separation: str, alpha: float) -> float:
+    """The entmax parameter a separation stands for: 1 softmax, 2 sparsemax, alpha for entmax."""
+    return {"softmax": 1.0, "sparsemax": 2.0, "entmax": float(alpha)}[separation]
+
+
+def default_chunk_size(num_queries: int, num_memories: int) -> int:
+    if num_queries * num_memories <= DENSE_MAX_SCORES:
+        return num_memories
+    return max(MIN_CHUNK, CHUNK_SCORES // num_queries)
+
+
+def key_sq_norms(keys: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``||k||^2`` per memory, in float32 (or ``dtype``): what ``l2`` needs beside the bank."""
+    keys = keys.to(dtype or accumulation_dtype(keys))
+    return (keys * keys).sum(dim=1)
+
+
+def similarity_scores(
+    queries: Tensor, keys: Tensor, similarity: str, sq_norms: Tensor | None = None
+) -> Tensor:
+    """Scores ``(B, M)`` of queries against keys, both in the accumulation dtype.
+
+    ``l2`` gives the shifted score ``2 x.k - ||k||^2`` (the true ``-||x - k||^2`` plus ``||x||^2``);
+    ``sq_norms`` are the keys' squared norms when the caller has them cached.
+    """
+    if similarity == "dot":
+        return queries @ keys.T
+    if similarity == "l2":
+        if sq_norms is None:
+            sq_norms = (keys * keys).sum(dim=1)
+        return torch.addmm(sq_norms.neg(), queries, keys.T, alpha=2.0)
+    if similarity == "manhattan":
+        return torch.cdist(queries, keys, p=1.0).neg()
+    raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+
+
+class _BankStream:
+    """Scaled scores ``z = beta * sim(keys, x)`` and values, chunk by chunk, for a fixed set of rows.
+
+    A bank that fits in one chunk is scored once and the scores are reused by every pass.
+    """
+
+    def __init__(self, x, keys, values, *, beta, similarity, chunk_size, sq_norms, cached=None):
+        self.x, self.keys, self.values = x, keys, values
+        self.beta, self.similarity, self.sq_norms = beta, similarity, sq_norms
+        self.chunk_size = chunk_size
+        self.single = chunk_size >= keys.shape[0]
+        self._cached = cached
+
+    def __iter__(self):
+        return self.chunks(grad=True)
+
+    def chunks(self, grad: bool):
+        """Yields ``(start, z, values)``; ``grad=False`` passes build no autograd graph (a single
+        chunk is always scored with it, since its scores are cached for the passes that need it)."""
+        if self._cached is not None:
+            yield 0, *self._cached
+            return
+        dtype = self.x.dtype
+        num_memories = self.keys.shape[0]
+        for start in range(0, num_memories, self.chunk_size):
+            stop = min(start + self.chunk_size, num_memories)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (grad or self.single)):
+                keys = self.keys[start:stop].to(dtype)
+                norms = None if self.sq_norms is None else self.sq_norms[start:stop].to(dtype)
+                z = self.beta * similarity_scores(self.x, keys, self.similarity, norms)
+                values = self.values[start:stop].to(dtype)
+            if self.single:
+                self._cached = (z, values)
+            yield start, z, values
+
+    def rows(self, index: Tensor) -> "_BankStream":
+        cached = None if self._cached is None else (self._cached[0][index], self._cached[1])
+        return _BankStream(
+            self.x[index], self.keys, self.values, beta=self.beta, similarity=self.similarity,
+            chunk_size=self.chunk_size, sq_norms=self.sq_norms, cached=cached,
+        )
+
+
+class _Argmax:
+    """Running (max score, first index of it) over chunks."""
+
+    def __init__(self, rows: int, like: Tensor):
+        self.best = torch.full((rows,), -math.inf, dtype=like.dtype, device=like.device)
+        self.index = torch.zeros(rows, dtype=torch.long, device=like.device)
+
+    def update(self, start: int, z: Tensor) -> Tensor:
+        chunk_max, chunk_index = z.detach().max(dim=1)
+        better = chunk_max > self.best  # strict: an earlier chunk keeps a tie
+        self.best = torch.where(better, chunk_max, self.best)
+        self.index = torch.where(better, chunk_index + start, self.index)
+        return self.best
+
+
+def _softmax_step(stream: _BankStream, want_info: bool):
+    rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
+    argmax = _Argmax(rows, stream.x)
+    running_sum = torch.zeros(rows, dtype=dtype, device=device)
+    acc = torch.zeros(rows, stream.values.shape[1], dtype=dtype, device=device)
+    running_max = argmax.best
+    for start, z, values in stream:
+        new_max = argmax.update(start, z)
+        # Shift invariance makes the (detached) running max a constant for autograd.
+        rescale = torch.exp(running_max - new_max)
+        weights = torch.exp(z - new_max[:, None])
+        running_sum = running_sum * rescale + weights.sum(dim=1)
+        acc = acc * rescale[:, None] + weights @ values
+        running_max = new_max
+    out = acc / running_sum[:, None]
+    lse = running_max + torch.log(running_sum.detach())
+    support = None
+    if want_info:
+        # p > eps  <=>  z > lse + log(eps): a counting pass (free when the scores are cached).
+        threshold = (lse + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
+        support = sum((z.detach() > threshold).sum(dim=1) for _, z, _ in stream.chunks(grad=False))
+    return out, support, argmax.index, lse
+
+
+def _polynomial_step(stream: _BankStream, degree: float):
+    rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
+    argmax = _Argmax(rows, stream.x)
+    running_max = torch.zeros(rows, dtype=dtype, device=device)
+    running_sum = torch.zeros(rows, dtype=dtype, device=device)
+    acc = torch.zeros(rows, stream.values.shape[1], dtype=dtype, device=device)
+    support = torch.zeros(rows, dtype=torch.long, device=device)
+    for start, z, values in stream:
+        argmax.update(start, z)
+        rectified = torch.relu(z)
+        new_max = torch.maximum(running_max, rectified.detach().max(dim=1).values)
+        # Weights are scaled by the running max so relu(z)**degree never overflows; the scale
+        # cancels in the normalisation, so it is a constant for autograd.
+        divisor = torch.where(new_max > 0, new_max, torch.ones_like(new_max))
+        rescale = (running_max / divisor) ** degree
+        weights = (rectified / divisor[:, None]) ** degree
+        running_sum = running_sum * rescale + weights.sum(dim=1)
+        acc = acc * rescale[:, None] + weights @ values
+        support += (z.detach() > 0).sum(dim=1)
+        running_max = new_max
+    nonzero = running_sum.detach() > 0
+    safe_sum = torch.where(nonzero, running_sum, torch.ones_like(running_sum))
+    out = torch.where(nonzero[:, None], acc / safe_sum[:, None], torch.zeros_like(acc))
+    log_partition = degree * torch.log(running_max) + torch.log(running_sum.detach())
+    lse = torch.where(nonzero, log_partition, torch.full_like(log_partition, -math.inf))
+    return out, support, argmax.index, lse
+
+
+def _power(base: Tensor, exponent: float) -> Tensor:
+    """``base ** exponent`` for ``base >= 0``, with the common exponents done exactly and cheaply."""
+    if exponent == 1.0:
+        return base
+    if exponent == 2.0:
+        return base * base
+    return base.pow(exponent)
+
+
+def _sorted_threshold(x_sorted: Tensor, alpha: float) -> Tensor:
+    """Exact ``tau`` per row of descending ``x_sorted = (alpha - 1) z``, for sparsemax and alpha 1.5.
+
+    Closed forms over the candidate support sizes k: sparsemax ``tau_k = (sum_{i<=k} x_i - 1) / k``;
+    alpha 1.5 solves ``sum_{i<=k} (x_i - tau)^2 = 1``. The support is the largest k whose tau_k lies
+    below x_k.
+    """
+    sizes = torch.arange(1, x_sorted.shape[1] + 1, dtype=x_sorted.dtype, device=x_sorted.device)
+    cumsum = x_sorted.cumsum(dim=1)
+    if alpha == 2.0:
+        candidates = (cumsum - 1) / sizes
+    else:
+        mean = cumsum / sizes
+        spread = (x_sorted * x_sorted).cumsum(dim=1) - sizes * mean * mean
+        candidates = mean - torch.sqrt(torch.clamp((1 - spread) / sizes, min=0))
+    support = (candidates < x_sorted).sum(dim=1, keepdim=True).clamp(min=1)
+    return candidates.gather(1, support - 1).squeeze(1)
+
+
+def _newton_threshold(partial_sums, x_max: Tensor, tau: Tensor, alpha: float) -> Tensor:
+    """Solve ``sum_i [x_i - tau]_+^q = 1`` (q = 1/(alpha-1)) by Newton's method from the left.
+
+    Newton runs on ``h(tau) = (sum_i [x_i - tau]_+^q)^(1/q)``, the q-norm of ``[x - tau]_+``: convex
+    and decreasing, so from any start with ``h >= 1`` the iterates rise monotonically to the root
+    without overshooting. For one dominant memory h is linear and one step lands on the root; for
+    sparsemax h is piecewise linear and the iteration ends exactly. ``partial_sums(tau, x_max)``
+    returns ``(sum r^q, sum_{r>0} r^(q-1))`` with ``r = [x - tau]_+ / (x_max - tau)``, which keeps
+    every power in [0, 1] whatever q is. float64 throughout.
+    """
+    q = 1.0 / (alpha - 1.0)
+    eps = torch.finfo(torch.float64).eps
+    for _ in range(NEWTON_MAX_ITERS):
+        span = x_max - tau
+        sum_q, sum_q1 = partial_sums(tau, x_max)
+        norm = sum_q ** (1.0 / q)
+        step = (span * norm - 1.0) / (norm / sum_q * sum_q1)
+        step = torch.clamp(step, min=0.0)
+        tau = tau + step
+        if bool((step <= 4 * eps * torch.maximum(tau.abs(), span)).all()):
+            break
+    return tau
+
+
+def _row_sums(x: Tensor, q: float):
+    """``partial_sums`` for Newton over scores held in memory (``x`` float64, rows x candidates)."""
+
+    def partial_sums(tau: Tensor, x_max: Tensor):
+        ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
+        return _power(ratio, q).sum(dim=1), _inner_power_sum(ratio, q)
+
+    return partial_sums
+
+
+def _inner_power_sum(ratio: Tensor, q: float) -> Tensor:
+    if q == 1.0:
+        return (ratio > 0).sum(dim=1).to(ratio.dtype)
+    return _power(ratio, q - 1.0).sum(dim=1)
+
+
+def _stream_sums(stream: _BankStream, alpha: float):
+    """``partial_sums`` for Newton over the whole bank, one pass per call."""
+    q = 1.0 / (alpha - 1.0)
+
+    def partial_sums(tau: Tensor, x_max: Tensor):
+        sum_q = torch.zeros_like(tau)
+        sum_q1 = torch.zeros_like(tau)
+        for _, z, _ in stream.chunks(grad=False):
+            x = (alpha - 1.0) * z.detach().double()
+            ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
+            sum_q += _power(ratio, q).sum(dim=1)
+            sum_q1 += _inner_power_sum(ratio, q)
+        return sum_q, sum_q1
+
+    return partial_sums
+
+
+def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
+    """Exact entmax threshold of every row across all chunks (float64), and the argmax."""
+    num_memories = stream.keys.shape[0]
+    argmax = _Argmax(stream.x.shape[0], stream.x)
+    kept = None
+    for start, z, _ in stream.chunks(grad=False):
+        argmax.update(start, z)
+        merged = z.detach() if kept is None else torch.cat([kept, z.detach()], dim=1)
+        kept = merged.topk(min(candidates, merged.shape[1]), dim=1, sorted=True).values
+    x_kept = (alpha - 1.0) * kept.double()
+    if alpha in (1.5, 2.0):
+        tau = _sorted_threshold(x_kept, alpha)
+    else:
+        tau = _newton_threshold(_row_sums(x_kept, 1.0 / (alpha - 1.0)), x_kept[:, 0],
+                                x_kept[:, 0] - 1.0, alpha)
+    # Entries outside the buffer are <= its smallest, so when tau >= that they all get weight 0
+    # and the buffer's threshold is the row's. Otherwise more memories may be in the support:
+    # the true tau is >= the buffer's (adding entries only raises the sum), a valid Newton start.
+    if kept.shape[1] < num_memories:
+        unsettled = (tau < x_kept[:, -1]).nonzero().squeeze(1)
+        if unsettled.numel():
+            tau[unsettled] = _newton_threshold(
+                _stream_sums(stream.rows(unsettled), alpha), x_kept[unsettled, 0],
+                tau[unsettled], alpha,
+            )
+    return tau, argmax.index
+
+
+def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: bool):
+    rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
+    q = 1.0 / (alpha - 1.0)
+    tau, argmax = _sparse_threshold(stream, alpha, candidates)
+    tau = tau.to(dtype)[:, None]
+    dv = stream.values.shape[1]
+    weighted = torch.zeros(rows, dv, dtype=dtype, device=device)
+    total = torch.zeros(rows, dtype=dtype, device=device)
+    support = torch.zeros(rows, dtype=torch.long, device=device)
+    dot_pz = torch.zeros(rows, dtype=dtype, device=device)
+    sum_p_alpha = torch.zeros(rows, dtype=dtype, device=device)
+    # For autograd, tau moves with the scores: sum_i g_i (dx_i - dtau) = 0 with g = dp/dx, so
+    # dtau = sum_i g_i dx_i / sum_i g_i. `tau_shift` carries exactly that derivative (its value
+    # is 0), and the output is corrected to first order: p(tau + s) = p(tau) - g s.
+    grad_weighted = torch.zeros(rows, dv, dtype=dtype, device=device)
+    grad_total = torch.zeros(rows, dtype=dtype, device=device)
+    tau_shift_num = torch.zeros(rows, dtype=dtype, device=device)
+    for _, z, values in stream:
+        x = (alpha - 1.0) * z
+        excess = torch.relu(x - tau)
+        p = _power(excess, q)
+        weighted = weighted + p @ values
+        total = total + p.sum(dim=1)
+        p_const = p.detach()
+        support += (p_const > 0).sum(dim=1)
+        dot_pz += (p_const * z.detach()).sum(dim=1)
+        sum_p_alpha += _power(p_const, alpha).sum(dim=1)
+        if need_grad:
+            g = (excess.detach() > 0).to(dtype) if q == 1.0 else q * _power(excess.detach(), q - 1.0)
+            grad_weighted += g @ values.detach()
+            grad_total += g.sum(dim=1)
+            tau_shift_num = tau_shift_num + (g * (x - x.detach())).sum(dim=1)
+    if need_grad:
+        tau_shift = (tau_shift_num / grad_total)[:, None]
+        weighted = weighted - tau_shift * grad_weighted
+        total = total - tau_shift.squeeze(1) * grad_total
+    # Dividing by the total makes the weights sum to 1 to rounding whatever tau's last bit.
+    out = weighted / total[:, None]
+    total = total.detach()
+    lse = dot_pz / total + (1.0 - sum_p_alpha / total**alpha) / (alpha * (alpha - 1.0))
+    return out, support, argmax, lse
+
+
+def _one_step(x, keys, values, *, beta, similarity, separation, alpha, degree, chunk_size,
+              candidates, sq_norms, want_info):
+    stream = _BankStream(x, keys, values, beta=beta, similarity=similarity,
+                         chunk_size=chunk_size, sq_norms=sq_norms)
+    if separation == "softmax":
+        out, support, argmax, lse = _softmax_step(stream, want_info)
+    elif separation == "polynomial":
+        out, support, argmax, lse = _polynomial_step(stream, float(degree))
+    else:
+        need_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, keys, values))
+        out, support, argmax, lse = _sparse_step(
+            stream, separation_alpha(separation, alpha), candidates, need_grad)
+    if similarity == "l2":  # report the true score's smooth max: every z was shifted by beta||x||^2
+        lse = lse - beta * (x.detach() * x.detach()).sum(dim=1)
+    return out, support, argmax, lse
+
+
+def retrieve(
+    queries: Tensor,
+    memories: Tensor,
+    values: Tensor | None = None,
+    *,
+    beta: float = 1.0,
+    similarity: str = "dot",
+    separation: str = "softmax",
+    alpha: float = 1.5,
+    degree: float = 10,
+    steps: int = 1,
+    tol: float | None = None,
+    clamp_mask: Tensor | None = None,
+    return_info: bool = False,
+    chunk_size: int | None = None,
+    candidates: int = DEFAULT_CANDIDATES,
+    sq_norms: Tensor | None = None,
+):
+    """Streaming exact retrieval ``Sep(beta * sim(K, X)) V`` for ``steps`` updates.
+
+    Takes inputs as :func:`hen_fast.retrieve` has validated them: ``queries`` (B, d), ``memories``
+    (M, d), ``values`` (M, dv) or None, ``clamp_mask`` broadcastable to (B, d) or None. Returns
+    ``(out, info)`` with ``out`` (B, dv) in the queries' dtype and ``info`` a
+    :class:`~hen_fast.info.RetrieveInfo` when ``return_info`` else None.
+
+    ``chunk_size`` memories are scored at a time (default: all of them when the score matrix is
+    small, see :func:`default_chunk_size`); ``candidates`` scores per query are kept for the sparse
+    thresholds; ``sq_norms`` are cached ``||k||^2`` for ``l2``. Between steps the iterate stays in
+    the accumulation dtype; queries that moved by at most ``tol`` stop and are not computed again.
+    """
+    values = memories if values is None else values
+    num_queries, num_memories = queries.shape[0], memories.shape[0]
+    dtype = accumulation_dtype(queries, memories, values)
+    chunk_size = chunk_size or default_chunk_size(num_queries, num_memories)
+    if similarity == "l2" and sq_norms is None and chunk_size < num_memories:
+        # Streamed banks are read once per pass, so the norms are computed once per call.
+        sq_norms = key_sq_norms(memories, dtype)
+    x0 = queries.to(dtype)
+    x = x0
+    mask = None if clamp_mask is None else clamp_mask.to(x.device).broadcast_to(x.shape)
+    device = x.device
+    steps_taken = torch.zeros(num_queries, dtype=torch.long, device=device)
+    support = torch.zeros(num_queries, dtype=torch.long, device=device)
+    argmax = torch.zeros(num_queries, dtype=torch.long, device=device)
+    lse = torch.zeros(num_queries, dtype=dtype, device=device)
+    tol = tol if steps > 1 else None  # one update needs no stopping rule (and dv may differ from d)
+    active = None  # None: every query is still moving
+    for _ in range(steps):
+        rows = x if active is None else x[active]
+        new, step_support, step_argmax, step_lse = _one_step(
+            rows, memories, values, beta=beta, similarity=similarity, separation=separation,
+            alpha=alpha, degree=degree, chunk_size=chunk_size, candidates=candidates,
+            sq_norms=sq_norms, want_info=return_info,
+        )
+        if mask is not None:
+            held = mask if active is None else mask[active]
+            new = torch.where(held, x0 if active is None else x0[active], new)
+        moved = None if tol is None else torch.linalg.vector_norm(new.detach() - rows.detach(), dim=1)
+        if active is None:
+            x, steps_taken = new, steps_taken + 1
+            if return_info:
+                support, argmax, lse = step_support, step_argmax, step_lse
+            active = torch.arange(num_queries, device=device) if tol is not None else None
+        else:
+            x = x.index_copy(0, active, new)
+            steps_taken = steps_taken.index_add(0, active, torch.ones_like(active))
+            if return_info:
+                support = support.index_copy(0, active, step_support)
+                argmax = argmax.index_copy(0, active, step_argmax)
+                lse = lse.index_copy(0, active, step_lse)
+        if moved is not None:
+            active = active[moved > tol]
+            if active.numel() == 0:
+                break
+    info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
+    return x.to(queries.dtype), info
+
+
+# --------------------------------------------------------------------------------------------------
+# The independent float64 oracle.
+
+
+def naive_scores(queries: Tensor, keys: Tensor, similarity: str) -> Tensor:
+    """True similarities in float64 from explicit pairwise differences (B x M x d in memory)."""
+    queries, keys = queries.double(), keys.double()
+    if similarity == "dot":
+        return queries @ keys.T
+    diff = queries[:, None, :] - keys[None, :, :]
+    if similarity == "l2":
+        return -(diff * diff).sum(dim=-1)
+    if similarity == "manhattan":
+        return -diff.abs().sum(dim=-1)
+    raise ValueError(f"unknown similarity {similarity!r}")
+
+
+def naive_separation(z: Tensor, separation: str, alpha: float = 1.5, degree: float = 10) -> Tensor:
+    """Weights over the last dimension of float64 scaled scores ``z``.
+
+    Sparse thresholds by 200 bisection steps between ``max - 1`` and ``max - M^(1-alpha)``.
+    """
+    z = z.double()
+    if separation == "softmax":
+        return torch.softmax(z, dim=-1)
+    if separation == "polynomial":
+        rectified = torch.relu(z)
+        top = rectified.max(dim=-1, keepdim=True).values
+        weights = (rectified / torch.where(top > 0, top, torch.ones_like(top))) ** degree
+        total = weights.sum(dim=-1, keepdim=True)
+        return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 0.0)
+    a = separation_alpha(separation, alpha)
+    x = (a - 1.0) * z
+    q = 1.0 / (a - 1.0)
+    top = x.max(dim=-1, keepdim=True).values
+    lo, hi = top - 1.0, top - z.shape[-1] ** (1.0 - a)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        mass = (torch.relu(x - mid) ** q).sum(dim=-1, keepdim=True)
+        lo, hi = torch.where(mass >= 1, mid, lo), torch.where(mass >= 1, hi, mid)
+    p = torch.relu(x - lo) ** q
+    return p / p.sum(dim=-1, keepdim=True)
+
+
+def naive_retrieve(
+    queries: Tensor,
+    memories: Tensor,
+    values: Tensor | None = None,
+    *,
+    beta: float = 1.0,
+    similarity: str = "dot",
+    separation: str = "softmax",
+    alpha: float = 1.5,
+    degree: float = 10,
+    steps: int = 1,
+    tol: float | None = None,
+    clamp_mask: Tensor | None = None,
+) -> Tensor:
+    """The float64 output of :func:`hen_fast.retrieve` computed the plain way (small inputs only)."""
+    keys = memories.double()
+    values = keys if values is None else values.double()
+    x0 = queries.double()
+    x = x0
+    moving = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        p = naive_separation(beta * naive_scores(x, keys, similarity), separation, alpha, degree)
+        new = p @ values
+        if clamp_mask is not None:
+            new = torch.where(clamp_mask.to(x.device), x0, new)
+        if tol is not None and steps > 1:
+            new = torch.where(moving[:, None], new, x)
+            moving = moving & (torch.linalg.vector_norm(new - x, dim=1) > tol)
+        x = new
+    return x
