@@ -74,19 +74,23 @@ def retrieve(
     num_queries, dim = queries2d.shape
     num_memories = memories.shape[0]
     if num_queries == 0:
-        raise ValueError("queries must hold at least one query, got shape "
-                         f"{tuple(queries.shape)}")
+        raise ValueError(f"queries must hold at least one query, got shape {tuple(queries.shape)}")
     if dim == 0:
-        raise ValueError(f"queries must have at least one feature, got shape {tuple(queries.shape)}")
+        raise ValueError(
+            f"queries must have at least one feature, got shape {tuple(queries.shape)}"
+        )
     if num_memories == 0:
-        raise ValueError(f"memories is empty (shape {tuple(memories.shape)}): store at least one "
-                         "pattern")
+        raise ValueError(
+            f"memories is empty (shape {tuple(memories.shape)}): store at least one pattern"
+        )
     if memories.shape[1] != dim:
-        raise ValueError(f"memories must have the queries' dimension d={dim}, got shape "
-                         f"{tuple(memories.shape)}")
+        raise ValueError(
+            f"memories must have the queries' dimension d={dim}, got shape {tuple(memories.shape)}"
+        )
     if values is not None and values.shape[0] != num_memories:
-        raise ValueError(f"values must have one row per memory ({num_memories}), got shape "
-                         f"{tuple(values.shape)}")
+        raise ValueError(
+            f"values must have one row per memory ({num_memories}), got shape {tuple(values.shape)}"
+        )
     value_dim = dim if values is None else values.shape[1]
     if value_dim == 0:
         raise ValueError(f"values must have at least one column, got shape {tuple(values.shape)}")
@@ -100,15 +104,19 @@ def retrieve(
     if separation == "entmax":
         alpha = _check_real("alpha", alpha)
         if not 1.0 < alpha < 2.0:
-            raise ValueError(f"alpha must lie in the open interval (1, 2) for entmax (use "
-                             f"'softmax' for 1, 'sparsemax' for 2), got {alpha}")
+            raise ValueError(
+                f"alpha must lie in the open interval (1, 2) for entmax (use "
+                f"'softmax' for 1, 'sparsemax' for 2), got {alpha}"
+            )
     if separation == "polynomial":
         degree = _check_real("degree", degree)
         if degree < 1:
             raise ValueError(f"degree must be >= 1, got {degree}")
         if similarity != "dot":
-            raise ValueError(f"separation 'polynomial' is defined for similarity 'dot' only "
-                             f"(distance scores are all <= 0), got similarity {similarity!r}")
+            raise ValueError(
+                f"separation 'polynomial' is defined for similarity 'dot' only "
+                f"(distance scores are all <= 0), got similarity {similarity!r}"
+            )
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
@@ -118,8 +126,10 @@ def retrieve(
         if tol < 0:
             raise ValueError(f"tol must be >= 0 or None, got {tol}")
     if steps > 1 and value_dim != dim:
-        raise ValueError(f"steps > 1 feeds each output back as the next query, so values must "
-                         f"have the queries' dimension d={dim}, got dv={value_dim}")
+        raise ValueError(
+            f"steps > 1 feeds each output back as the next query, so values must "
+            f"have the queries' dimension d={dim}, got dv={value_dim}"
+        )
     if clamp_mask is not None:
         clamp_mask = _check_mask(clamp_mask, queries, value_dim)
     for flag_name, flag in (("return_info", return_info), ("check_finite", check_finite)):
@@ -128,13 +138,24 @@ def retrieve(
     if check_finite:
         for name, tensor in (("queries", queries), ("memories", memories), ("values", values)):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{name} contains NaN or Inf; clean the input or pass "
-                                 "check_finite=False to skip this check")
+                raise ValueError(
+                    f"{name} contains NaN or Inf; clean the input or pass "
+                    "check_finite=False to skip this check"
+                )
 
     impl = select_backend(backend, queries.device)
     out, info = impl.retrieve(
-        queries2d, memories, values, beta=beta, similarity=similarity, separation=separation,
-        alpha=alpha, degree=degree, steps=int(steps), tol=tol, clamp_mask=clamp_mask,
+        queries2d,
+        memories,
+        values,
+        beta=beta,
+        similarity=similarity,
+        separation=separation,
+        alpha=alpha,
+        degree=degree,
+        steps=int(steps),
+        tol=tol,
+        clamp_mask=clamp_mask,
         return_info=return_info,
     )
     if single:
@@ -148,8 +169,10 @@ def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
-                        f"float64), got {tensor.dtype}")
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {tensor.dtype}"
+        )
     if tensor.dim() not in dims:
         shapes = " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}")
@@ -157,7 +180,7 @@ def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
 
 
 def _check_devices(**tensors) -> None:
-    placed = {name: t.device for name, t in tensors.items() if t is not None}
+    placed = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
     if len(set(placed.values())) > 1:
         listing = ", ".join(f"{name} on {device}" for name, device in placed.items())
         raise ValueError(f"all tensors must be on one device, got {listing}")
@@ -182,12 +205,16 @@ def _check_mask(clamp_mask, queries: Tensor, value_dim: int) -> Tensor:
     if clamp_mask.dtype != torch.bool:
         raise TypeError(f"clamp_mask must be a bool tensor, got {clamp_mask.dtype}")
     if value_dim != queries.shape[-1]:
-        raise ValueError(f"clamp_mask holds components of the query in the output, so values must "
-                         f"have the queries' dimension d={queries.shape[-1]}, got dv={value_dim}")
+        raise ValueError(
+            f"clamp_mask holds components of the query in the output, so values must "
+            f"have the queries' dimension d={queries.shape[-1]}, got dv={value_dim}"
+        )
     try:
         torch.broadcast_shapes(clamp_mask.shape, queries.shape)
         expanded = clamp_mask.broadcast_to(queries.shape)
     except RuntimeError:
-        raise ValueError(f"clamp_mask of shape {tuple(clamp_mask.shape)} does not broadcast to the "
-                         f"queries' shape {tuple(queries.shape)}") from None
+        raise ValueError(
+            f"clamp_mask of shape {tuple(clamp_mask.shape)} does not broadcast to the "
+            f"queries' shape {tuple(queries.shape)}"
+        ) from None
     return expanded.reshape(-1, queries.shape[-1])

@@ -30,12 +30,17 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = commands.add_parser("demo", help="recall MNIST digits from occluded cues on the CPU")
     demo.add_argument("--memories", type=int, default=1000, help="digits stored (<= 5000)")
-    demo.add_argument("--mask", choices=("half", "random"), default="half",
-                      help="hide the lower half of each cue, or half its pixels at random")
+    demo.add_argument(
+        "--mask",
+        choices=("half", "random"),
+        default="half",
+        help="hide the lower half of each cue, or half its pixels at random",
+    )
     demo.add_argument("--backend", default="auto")
     demo.add_argument("--seed", type=int, default=0, help="which digits are stored")
-    demo.add_argument("--out", type=Path, default=Path("hen_fast_demo.png"),
-                      help="PNG of cues and recalls ('' to skip)")
+    demo.add_argument(
+        "--out", default="hen_fast_demo.png", help="PNG of cues and recalls ('' to skip)"
+    )
     demo.set_defaults(run=run_demo)
 
     backends = commands.add_parser("backends", help="list the retrieval backends")
@@ -66,33 +71,49 @@ def run_demo(args) -> int:
     memories, queries = stored.flatten(1), cues.flatten(1)
     truth = torch.arange(memories.shape[0])
 
-    print(f"hen_fast {__version__} demo: {memories.shape[0]} MNIST digits stored, recalled from "
-          f"cues with {'the lower half' if args.mask == 'half' else 'half the pixels'} hidden; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"hen_fast {__version__} demo: {memories.shape[0]} MNIST digits stored, recalled from "
+        f"cues with {'the lower half' if args.mask == 'half' else 'half the pixels'} hidden; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     rows, recalls = [], []
-    for similarity, separation, beta in tqdm(DEMO_CONFIGS, desc="retrieving", file=sys.stderr,
-                                                 disable=None):
+    for similarity, separation, beta in tqdm(
+        DEMO_CONFIGS, desc="retrieving", file=sys.stderr, disable=None
+    ):
         start = time.perf_counter()
-        out, info = retrieve(queries, memories, beta=beta, similarity=similarity,
-                             separation=separation, backend=args.backend, return_info=True)
+        out, info = retrieve(
+            queries,
+            memories,
+            beta=beta,
+            similarity=similarity,
+            separation=separation,
+            backend=args.backend,
+            return_info=True,
+        )
         elapsed = time.perf_counter() - start
         pixel_error = (out - memories).abs().amax(dim=1)
-        rows.append((
-            similarity, separation, beta,
-            100 * (pixel_error <= EXACT_PIXEL_ERROR).float().mean().item(),
-            100 * (info.argmax == truth).float().mean().item(),
-            ((out - memories) ** 2).mean().item(),
-            info.support.float().mean().item(),
-            1e3 * elapsed,
-        ))
+        rows.append(
+            (
+                similarity,
+                separation,
+                beta,
+                100 * (pixel_error <= EXACT_PIXEL_ERROR).float().mean().item(),
+                100 * (info.argmax == truth).float().mean().item(),
+                ((out - memories) ** 2).mean().item(),
+                info.support.float().mean().item(),
+                1e3 * elapsed,
+            )
+        )
         recalls.append(out)
     header = ("similarity", "separation", "beta", "exact %", "nearest %", "MSE", "support", "ms")
     print(_table(header, rows))
-    print(f"exact: every pixel within {EXACT_PIXEL_ERROR} of the stored digit; nearest: the most "
-          "similar memory is the stored digit; support: memories with non-zero weight (softmax: "
-          "> 1e-6), mean over queries")
-    if str(args.out):
-        _save_grid(args.out, stored, cues, recalls, [f"{s}/{p}" for s, p, _ in DEMO_CONFIGS])
+    print(
+        f"exact: every pixel within {EXACT_PIXEL_ERROR} of the stored digit; nearest: the most "
+        "similar memory is the stored digit; support: memories with non-zero weight (softmax: "
+        "> 1e-6), mean over queries"
+    )
+    if args.out:
+        _save_grid(Path(args.out), stored, cues, recalls, [f"{s}/{p}" for s, p, _ in DEMO_CONFIGS])
         print(f"wrote {args.out}")
     return 0
 
@@ -103,8 +124,10 @@ def _table(header, rows) -> str:
         for s, p, b, e, n, m, k, t in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in
-                       enumerate(zip(row, widths))) for row in cells]
+    lines = [
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ def mask_lower_half(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Occluded cues: the lower half of each ``(N, C, H, W)`` image set to 0. Returns the cues and
     the boolean mask of the pixels that stayed visible (same shape)."""
     visible = torch.ones_like(images, dtype=torch.bool)
-    visible[..., images.shape[-2] // 2:, :] = False
+    visible[..., images.shape[-2] // 2 :, :] = False
     return images * visible, visible
 
 

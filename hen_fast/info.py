@@ -35,7 +35,7 @@ class RetrieveInfo:
     argmax: torch.Tensor
     lse: torch.Tensor
 
-    def squeeze(self) -> "RetrieveInfo":
+    def squeeze(self) -> RetrieveInfo:
         """The same info for a single query, each field a 0-d tensor."""
         return RetrieveInfo(*(field.squeeze(0) for field in self.as_tuple()))
 

@@ -37,7 +37,7 @@ SEPARATIONS = ("softmax", "sparsemax", "entmax", "polynomial")
 # Softmax weights are never exactly zero; "support" counts those above this.
 SOFTMAX_SUPPORT_EPS = 1e-6
 # Auto chunking: the whole B x M score matrix when it has at most this many entries, else chunks of
-# about CHUNK_SCORES entries (a few MB: cache-sized, and large enough that the matmuls stay efficient).
+# about CHUNK_SCORES entries (a few MB: cache-sized, yet large enough for efficient matmuls).
 DENSE_MAX_SCORES = 1 << 22
 CHUNK_SCORES = 1 << 20
 MIN_CHUNK = 128
@@ -48,7 +48,7 @@ NEWTON_MAX_ITERS = 100
 
 
 def accumulation_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 when any input is float64, else float32 (half-precision inputs accumulate in float32)."""
+    """float64 when any input is float64, else float32 (half precision accumulates in float32)."""
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
@@ -91,7 +91,7 @@ def similarity_scores(
 
 
 class _BankStream:
-    """Scaled scores ``z = beta * sim(keys, x)`` and values, chunk by chunk, for a fixed set of rows.
+    """Scaled scores ``z = beta * sim(keys, x)`` and values, chunk by chunk, for fixed query rows.
 
     A bank that fits in one chunk is scored once and the scores are reused by every pass.
     """
@@ -125,11 +125,17 @@ class _BankStream:
                 self._cached = (z, values)
             yield start, z, values
 
-    def rows(self, index: Tensor) -> "_BankStream":
+    def rows(self, index: Tensor) -> _BankStream:
         cached = None if self._cached is None else (self._cached[0][index], self._cached[1])
         return _BankStream(
-            self.x[index], self.keys, self.values, beta=self.beta, similarity=self.similarity,
-            chunk_size=self.chunk_size, sq_norms=self.sq_norms, cached=cached,
+            self.x[index],
+            self.keys,
+            self.values,
+            beta=self.beta,
+            similarity=self.similarity,
+            chunk_size=self.chunk_size,
+            sq_norms=self.sq_norms,
+            cached=cached,
         )
 
 
@@ -158,7 +164,7 @@ def _softmax_step(stream: _BankStream, want_info: bool):
         new_max = argmax.update(start, z)
         # Shift invariance makes the (detached) running max a constant for autograd.
         rescale = torch.exp(running_max - new_max)
-        weights = torch.exp(z - new_max[:, None])
+        weights = (z - new_max[:, None]).exp_()  # in place: one B x chunk buffer, not two
         running_sum = running_sum * rescale + weights.sum(dim=1)
         acc = acc * rescale[:, None] + weights @ values
         running_max = new_max
@@ -201,7 +207,7 @@ def _polynomial_step(stream: _BankStream, degree: float):
 
 
 def _power(base: Tensor, exponent: float) -> Tensor:
-    """``base ** exponent`` for ``base >= 0``, with the common exponents done exactly and cheaply."""
+    """``base ** exponent`` for ``base >= 0``; the common exponents exactly and cheaply."""
     if exponent == 1.0:
         return base
     if exponent == 2.0:
@@ -210,7 +216,7 @@ def _power(base: Tensor, exponent: float) -> Tensor:
 
 
 def _sorted_threshold(x_sorted: Tensor, alpha: float) -> Tensor:
-    """Exact ``tau`` per row of descending ``x_sorted = (alpha - 1) z``, for sparsemax and alpha 1.5.
+    """Exact ``tau`` per row of descending ``x_sorted = (alpha - 1) z``: sparsemax and alpha 1.5.
 
     Closed forms over the candidate support sizes k: sparsemax ``tau_k = (sum_{i<=k} x_i - 1) / k``;
     alpha 1.5 solves ``sum_{i<=k} (x_i - tau)^2 = 1``. The support is the largest k whose tau_k lies
@@ -298,8 +304,9 @@ def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
     if alpha in (1.5, 2.0):
         tau = _sorted_threshold(x_kept, alpha)
     else:
-        tau = _newton_threshold(_row_sums(x_kept, 1.0 / (alpha - 1.0)), x_kept[:, 0],
-                                x_kept[:, 0] - 1.0, alpha)
+        tau = _newton_threshold(
+            _row_sums(x_kept, 1.0 / (alpha - 1.0)), x_kept[:, 0], x_kept[:, 0] - 1.0, alpha
+        )
     # Entries outside the buffer are <= its smallest, so when tau >= that they all get weight 0
     # and the buffer's threshold is the row's. Otherwise more memories may be in the support:
     # the true tau is >= the buffer's (adding entries only raises the sum), a valid Newton start.
@@ -307,8 +314,10 @@ def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
         unsettled = (tau < x_kept[:, -1]).nonzero().squeeze(1)
         if unsettled.numel():
             tau[unsettled] = _newton_threshold(
-                _stream_sums(stream.rows(unsettled), alpha), x_kept[unsettled, 0],
-                tau[unsettled], alpha,
+                _stream_sums(stream.rows(unsettled), alpha),
+                x_kept[unsettled, 0],
+                tau[unsettled],
+                alpha,
             )
     return tau, argmax.index
 
@@ -341,7 +350,11 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
         dot_pz += (p_const * z.detach()).sum(dim=1)
         sum_p_alpha += _power(p_const, alpha).sum(dim=1)
         if need_grad:
-            g = (excess.detach() > 0).to(dtype) if q == 1.0 else q * _power(excess.detach(), q - 1.0)
+            g = (
+                (excess.detach() > 0).to(dtype)
+                if q == 1.0
+                else q * _power(excess.detach(), q - 1.0)
+            )
             grad_weighted += g @ values.detach()
             grad_total += g.sum(dim=1)
             tau_shift_num = tau_shift_num + (g * (x - x.detach())).sum(dim=1)
@@ -356,19 +369,33 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
     return out, support, argmax, lse
 
 
-def _one_step(x, keys, values, *, beta, similarity, separation, alpha, degree, chunk_size,
-              candidates, sq_norms, want_info):
-    stream = _BankStream(x, keys, values, beta=beta, similarity=similarity,
-                         chunk_size=chunk_size, sq_norms=sq_norms)
+def _one_step(
+    x,
+    keys,
+    values,
+    *,
+    beta,
+    similarity,
+    separation,
+    alpha,
+    degree,
+    chunk_size,
+    candidates,
+    sq_norms,
+    want_info,
+):
+    stream = _BankStream(
+        x, keys, values, beta=beta, similarity=similarity, chunk_size=chunk_size, sq_norms=sq_norms
+    )
     if separation == "softmax":
         out, support, argmax, lse = _softmax_step(stream, want_info)
     elif separation == "polynomial":
         out, support, argmax, lse = _polynomial_step(stream, float(degree))
     else:
-        need_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, keys, values))
+        need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, keys, values))
         out, support, argmax, lse = _sparse_step(
-            stream, separation_alpha(separation, alpha), candidates, need_grad)
+            stream, separation_alpha(separation, alpha), candidates, need_grad
+        )
     if similarity == "l2":  # report the true score's smooth max: every z was shifted by beta||x||^2
         lse = lse - beta * (x.detach() * x.detach()).sum(dim=1)
     return out, support, argmax, lse
@@ -407,10 +434,9 @@ def retrieve(
     values = memories if values is None else values
     num_queries, num_memories = queries.shape[0], memories.shape[0]
     dtype = accumulation_dtype(queries, memories, values)
+    # Without cached norms each chunk computes its own: O(chunk * d) beside the O(B * chunk * d)
+    # score product, and no O(M) buffer, so the extra memory stays flat in M.
     chunk_size = chunk_size or default_chunk_size(num_queries, num_memories)
-    if similarity == "l2" and sq_norms is None and chunk_size < num_memories:
-        # Streamed banks are read once per pass, so the norms are computed once per call.
-        sq_norms = key_sq_norms(memories, dtype)
     x0 = queries.to(dtype)
     x = x0
     mask = None if clamp_mask is None else clamp_mask.to(x.device).broadcast_to(x.shape)
@@ -424,14 +450,25 @@ def retrieve(
     for _ in range(steps):
         rows = x if active is None else x[active]
         new, step_support, step_argmax, step_lse = _one_step(
-            rows, memories, values, beta=beta, similarity=similarity, separation=separation,
-            alpha=alpha, degree=degree, chunk_size=chunk_size, candidates=candidates,
-            sq_norms=sq_norms, want_info=return_info,
+            rows,
+            memories,
+            values,
+            beta=beta,
+            similarity=similarity,
+            separation=separation,
+            alpha=alpha,
+            degree=degree,
+            chunk_size=chunk_size,
+            candidates=candidates,
+            sq_norms=sq_norms,
+            want_info=return_info,
         )
         if mask is not None:
             held = mask if active is None else mask[active]
             new = torch.where(held, x0 if active is None else x0[active], new)
-        moved = None if tol is None else torch.linalg.vector_norm(new.detach() - rows.detach(), dim=1)
+        moved = (
+            None if tol is None else torch.linalg.vector_norm(new.detach() - rows.detach(), dim=1)
+        )
         if active is None:
             x, steps_taken = new, steps_taken + 1
             if return_info:
@@ -496,6 +533,24 @@ def naive_separation(z: Tensor, separation: str, alpha: float = 1.5, degree: flo
     return p / p.sum(dim=-1, keepdim=True)
 
 
+def naive_info(
+    scores: Tensor, p: Tensor, beta: float, separation: str, alpha: float = 1.5, degree: float = 10
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(support, argmax, lse) of one update from its float64 true scores and weights."""
+    z = beta * scores
+    if separation == "softmax":
+        return (p > SOFTMAX_SUPPORT_EPS).sum(1), scores.argmax(1), torch.logsumexp(z, dim=1)
+    if separation == "polynomial":
+        return (
+            (z > 0).sum(1),
+            scores.argmax(1),
+            torch.logsumexp(degree * torch.log(torch.relu(z)), 1),
+        )
+    a = separation_alpha(separation, alpha)
+    tsallis = (1.0 - (p**a).sum(1)) / (a * (a - 1.0))
+    return (p > 0).sum(1), scores.argmax(1), (p * z).sum(1) + tsallis
+
+
 def naive_retrieve(
     queries: Tensor,
     memories: Tensor,
@@ -509,20 +564,32 @@ def naive_retrieve(
     steps: int = 1,
     tol: float | None = None,
     clamp_mask: Tensor | None = None,
-) -> Tensor:
-    """The float64 output of :func:`hen_fast.retrieve` computed the plain way (small inputs only)."""
+    return_info: bool = False,
+):
+    """The float64 output of :func:`hen_fast.retrieve` computed the plain way (small inputs only),
+    with the :class:`RetrieveInfo` as well when ``return_info``."""
     keys = memories.double()
     values = keys if values is None else values.double()
     x0 = queries.double()
     x = x0
-    moving = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    rows = x.shape[0]
+    moving = torch.ones(rows, dtype=torch.bool, device=x.device)
+    info = [
+        torch.zeros(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.long),
+        torch.zeros(rows, dtype=torch.float64),
+    ]
     for _ in range(steps):
-        p = naive_separation(beta * naive_scores(x, keys, similarity), separation, alpha, degree)
+        scores = naive_scores(x, keys, similarity)
+        p = naive_separation(beta * scores, separation, alpha, degree)
         new = p @ values
         if clamp_mask is not None:
             new = torch.where(clamp_mask.to(x.device), x0, new)
+        step_info = (info[0] + 1, *naive_info(scores, p, beta, separation, alpha, degree))
+        info = [torch.where(moving, now, before) for now, before in zip(step_info, info)]
         if tol is not None and steps > 1:
             new = torch.where(moving[:, None], new, x)
             moving = moving & (torch.linalg.vector_norm(new - x, dim=1) > tol)
         x = new
-    return x
+    return (x, RetrieveInfo(*info)) if return_info else x

@@ -9,8 +9,8 @@ request's device; asking for one by name that is missing raises :class:`BackendU
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -51,8 +51,7 @@ def available_backends(device: torch.device | str | None = None) -> tuple[str, .
     """Backends that can run here (on ``device``'s tensors, if given), best first."""
     device = None if device is None else torch.device(device)
     ready = [
-        b for b in _REGISTRY.values()
-        if (device is None or b.accepts(device)) and b.is_available()
+        b for b in _REGISTRY.values() if (device is None or b.accepts(device)) and b.is_available()
     ]
     return tuple(b.name for b in sorted(ready, key=lambda b: -b.priority))
 
@@ -67,9 +66,7 @@ def select_backend(name: str, device: torch.device) -> Backend:
             raise BackendUnavailableError(f"no backend can compute on {device}")
         return _REGISTRY[choices[0]]
     if name not in _REGISTRY:
-        raise ValueError(
-            f"backend must be 'auto' or one of {registered_backends()}, got {name!r}"
-        )
+        raise ValueError(f"backend must be 'auto' or one of {registered_backends()}, got {name!r}")
     backend = _REGISTRY[name]
     if not backend.accepts(device):
         raise BackendUnavailableError(
@@ -77,19 +74,23 @@ def select_backend(name: str, device: torch.device) -> Backend:
             f"{device}. {backend.hint}".rstrip()
         )
     if not backend.is_available():
-        raise BackendUnavailableError(f"backend {name!r} is not available here. {backend.hint}".rstrip())
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available here. {backend.hint}".rstrip()
+        )
     return backend
 
 
 def _register_builtin() -> None:
     from .. import reference
 
-    register_backend(Backend(
-        name="torch",
-        retrieve=reference.retrieve,
-        priority=0,
-        hint="It is pure PyTorch and always available.",
-    ))
+    register_backend(
+        Backend(
+            name="torch",
+            retrieve=reference.retrieve,
+            priority=0,
+            hint="It is pure PyTorch and always available.",
+        )
+    )
 
 
 _register_builtin()

@@ -1,0 +1,63 @@
+"""Shared test utilities: random problems with odd sizes and strides, and error measures."""
+
+from __future__ import annotations
+
+import torch
+
+from hen_fast import SEPARATIONS, SIMILARITIES
+
+ENTMAX_ALPHAS = (1.25, 1.5, 1.8)
+# (similarity, separation, alpha) for every combination retrieve defines.
+COMBINATIONS = [
+    (similarity, separation, alpha)
+    for similarity in SIMILARITIES
+    for separation in SEPARATIONS
+    for alpha in (ENTMAX_ALPHAS if separation == "entmax" else (1.5,))
+    if separation != "polynomial" or similarity == "dot"
+]
+# Scales that give supports from one memory to most of them on unit-Gaussian data of ~10 dims.
+BETA = {"dot": 0.7, "l2": 0.25, "manhattan": 0.3}
+
+
+def combo_id(combo) -> str:
+    similarity, separation, alpha = combo
+    return f"{similarity}-{separation}" + (f"{alpha}" if separation == "entmax" else "")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest error relative to the expected tensor's scale; any NaN or Inf counts as infinite."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if actual.shape != expected.shape or not bool(torch.isfinite(actual).all()):
+        return float("inf")
+    scale = expected.abs().max().clamp(min=1e-30)
+    return float((actual - expected).abs().max() / scale)
+
+
+def randint(gen: torch.Generator, low: int, high: int) -> int:
+    return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+
+def strided(tensor: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The same values in a non-contiguous layout: every other column of a wider buffer, or
+    column-major. The skipped entries hold NaN so reading them would show."""
+    if randint(gen, 0, 1):
+        rows, cols = tensor.shape
+        wide = torch.full((rows, 2 * cols), float("nan"), dtype=tensor.dtype)
+        view = wide[:, ::2]
+        view.copy_(tensor)
+        return view
+    return tensor.T.contiguous().T
+
+
+def random_problem(gen, *, dtype=torch.float64, same_dims=False, max_queries=9, max_memories=97):
+    """Queries (B, d), memories (M, d), values (M, dv): odd random sizes, non-contiguous."""
+    num_queries = randint(gen, 1, max_queries)
+    num_memories = randint(gen, 5, max_memories)
+    dim = randint(gen, 3, 17)
+    value_dim = dim if same_dims else randint(gen, 1, 13)
+    make = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    queries = strided(make(num_queries, dim), gen)
+    memories = strided(make(num_memories, dim), gen)
+    values = strided(make(num_memories, value_dim), gen)
+    assert not (queries.is_contiguous() and memories.is_contiguous())
+    return queries, memories, values
