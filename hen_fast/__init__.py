@@ -11,6 +11,7 @@ from .backends import (
     available_backends,
     register_backend,
     registered_backends,
+    unregister_backend,
 )
 from .info import RetrieveInfo
 from .reference import SEPARATIONS, SIMILARITIES
@@ -28,5 +29,6 @@ __all__ = [
     "register_backend",
     "registered_backends",
     "retrieve",
+    "unregister_backend",
     "__version__",
 ]

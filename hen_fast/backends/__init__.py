@@ -43,6 +43,11 @@ def register_backend(backend: Backend) -> Backend:
     return backend
 
 
+def unregister_backend(name: str) -> Backend:
+    """Removes a backend and returns it (KeyError if there is none by that name)."""
+    return _REGISTRY.pop(name)
+
+
 def registered_backends() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
