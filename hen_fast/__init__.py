@@ -8,6 +8,7 @@ from .api import retrieve
 from .backends import (
     Backend,
     BackendUnavailableError,
+    Request,
     available_backends,
     register_backend,
     registered_backends,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "Request",
     "RetrieveInfo",
     "SEPARATIONS",
     "SIMILARITIES",

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .backends import select_backend
+from .backends import Request, select_backend
 from .info import RetrieveInfo
 from .reference import SEPARATIONS, SIMILARITIES
 
@@ -143,7 +143,10 @@ def retrieve(
                     "check_finite=False to skip this check"
                 )
 
-    impl = select_backend(backend, queries.device)
+    tensors = [t for t in (queries, memories, values) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    request = Request(queries.device, tuple(t.dtype for t in tensors), needs_grad)
+    impl = select_backend(backend, request)
     out, info = impl.retrieve(
         queries2d,
         memories,

@@ -58,15 +58,44 @@ def test_unavailable_backend_says_how_to_get_it(temporary_backend):
 
 
 def test_backend_for_another_device_is_refused_by_name_and_skipped_by_auto(temporary_backend):
-    calls = temporary_backend(
-        "test-gpu", priority=100, device_types=("cuda",), hint="Use CUDA tensors."
-    )
-    with pytest.raises(BackendUnavailableError, match=r"\('cuda',\) tensors.*on cpu. Use CUDA"):
+    def cuda_only(request):
+        return None if request.device.type == "cuda" else f"needs CUDA, got {request.device}"
+
+    calls = temporary_backend("test-gpu", priority=100, check=cuda_only, hint="Use CUDA tensors.")
+    with pytest.raises(BackendUnavailableError, match="cannot compute .*needs CUDA, got cpu. Use"):
         retrieve(Q, K, backend="test-gpu")
     retrieve(Q, K)
     assert calls == []
     assert hen_fast.available_backends("cuda")[0] == "test-gpu"
     assert "test-gpu" not in hen_fast.available_backends("cpu")
+
+
+def test_auto_skips_a_backend_that_declines_dtype_or_autograd(temporary_backend):
+    def float32_without_grad(request):
+        if request.needs_grad:
+            return "no backward pass"
+        if any(dtype != torch.float32 for dtype in request.dtypes):
+            return f"float32 only, got {request.dtypes}"
+        return None
+
+    calls = temporary_backend("test-f32", priority=100, check=float32_without_grad)
+    retrieve(Q, K)
+    assert calls == ["test-f32"]
+    retrieve(Q.double(), K.double())
+    retrieve(Q.clone().requires_grad_(), K)
+    with torch.no_grad():
+        retrieve(Q.clone().requires_grad_(), K)
+    assert calls == ["test-f32", "test-f32"]
+    with pytest.raises(BackendUnavailableError, match="no backward pass"):
+        retrieve(Q.clone().requires_grad_(), K, backend="test-f32")
+
+
+def test_auto_device_types_limit_auto_but_not_named_use(temporary_backend):
+    calls = temporary_backend("test-named-only", priority=100, auto_device_types=("cuda",))
+    retrieve(Q, K)
+    assert calls == []
+    retrieve(Q, K, backend="test-named-only")
+    assert calls == ["test-named-only"]
 
 
 def test_availability_is_probed_lazily(temporary_backend):

@@ -20,18 +20,32 @@ class BackendUnavailableError(ValueError):
 
 
 @dataclass(frozen=True)
+class Request:
+    """What a backend is asked to compute on, for :attr:`Backend.check`."""
+
+    device: torch.device
+    dtypes: tuple[torch.dtype, ...]
+    needs_grad: bool
+
+
+@dataclass(frozen=True)
 class Backend:
     name: str
     retrieve: Callable
     priority: int = 0
     # Called on first use, never at import: may import optional packages or load an extension.
     is_available: Callable[[], bool] = lambda: True
-    # Which devices' tensors the backend computes on ("cpu", "cuda", ...); None: any.
-    device_types: tuple[str, ...] | None = None
+    # Why the backend cannot compute this request (wrong device, dtype, autograd), or None.
+    check: Callable[[Request], str | None] = lambda request: None
+    # Device types on which "auto" may pick it; None: wherever check() accepts the request.
+    auto_device_types: tuple[str, ...] | None = None
     hint: str = ""
 
-    def accepts(self, device: torch.device) -> bool:
-        return self.device_types is None or device.type in self.device_types
+    def refusal(self, request: Request, *, auto: bool = False) -> str | None:
+        if auto and self.auto_device_types is not None:
+            if request.device.type not in self.auto_device_types:
+                return f"auto does not pick it for {request.device.type} tensors"
+        return self.check(request)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -53,34 +67,35 @@ def registered_backends() -> tuple[str, ...]:
 
 
 def available_backends(device: torch.device | str | None = None) -> tuple[str, ...]:
-    """Backends that can run here (on ``device``'s tensors, if given), best first."""
-    device = None if device is None else torch.device(device)
-    ready = [
-        b for b in _REGISTRY.values() if (device is None or b.accepts(device)) and b.is_available()
-    ]
+    """Backends that can run here, best first; with ``device``, those ``auto`` may pick for
+    float32 inputs on it."""
+    ready = [b for b in _REGISTRY.values() if b.is_available()]
+    if device is not None:
+        request = Request(torch.device(device), (torch.float32,), needs_grad=False)
+        ready = [b for b in ready if b.refusal(request, auto=True) is None]
     return tuple(b.name for b in sorted(ready, key=lambda b: -b.priority))
 
 
-def select_backend(name: str, device: torch.device) -> Backend:
-    """The backend ``name`` (or the best one for ``device`` when ``name == "auto"``)."""
+def select_backend(name: str, request: Request) -> Backend:
+    """The backend ``name`` (or the best one for the request when ``name == "auto"``)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
     if name == "auto":
-        choices = available_backends(device)
-        if not choices:  # unreachable while the torch backend is registered
-            raise BackendUnavailableError(f"no backend can compute on {device}")
-        return _REGISTRY[choices[0]]
+        for candidate in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+            if candidate.refusal(request, auto=True) is None and candidate.is_available():
+                return candidate
+        raise BackendUnavailableError(f"no backend can compute {request}")  # torch always can
     if name not in _REGISTRY:
         raise ValueError(f"backend must be 'auto' or one of {registered_backends()}, got {name!r}")
     backend = _REGISTRY[name]
-    if not backend.accepts(device):
-        raise BackendUnavailableError(
-            f"backend {name!r} computes on {backend.device_types} tensors, but the inputs are on "
-            f"{device}. {backend.hint}".rstrip()
-        )
     if not backend.is_available():
         raise BackendUnavailableError(
             f"backend {name!r} is not available here. {backend.hint}".rstrip()
+        )
+    reason = backend.refusal(request)
+    if reason is not None:
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot compute this call: {reason}. {backend.hint}".rstrip()
         )
     return backend
 
