@@ -234,7 +234,9 @@ def _sorted_threshold(x_sorted: Tensor, alpha: float) -> Tensor:
     return candidates.gather(1, support - 1).squeeze(1)
 
 
-def _newton_threshold(partial_sums, x_max: Tensor, tau: Tensor, alpha: float) -> Tensor:
+def _newton_threshold(
+    partial_sums, x_max: Tensor, tau: Tensor, alpha: float, eps: float | None = None
+) -> Tensor:
     """Solve ``sum_i [x_i - tau]_+^q = 1`` (q = 1/(alpha-1)) by Newton's method from the left.
 
     Newton runs on ``h(tau) = (sum_i [x_i - tau]_+^q)^(1/q)``, the q-norm of ``[x - tau]_+``: convex
@@ -242,16 +244,18 @@ def _newton_threshold(partial_sums, x_max: Tensor, tau: Tensor, alpha: float) ->
     without overshooting. For one dominant memory h is linear and one step lands on the root; for
     sparsemax h is piecewise linear and the iteration ends exactly. ``partial_sums(tau, x_max)``
     returns ``(sum r^q, sum_{r>0} r^(q-1))`` with ``r = [x - tau]_+ / (x_max - tau)``, which keeps
-    every power in [0, 1] whatever q is. float64 throughout.
+    every power in [0, 1] whatever q is. float64 throughout; ``eps`` is the relative precision of
+    the sums (float64's by default), where the iteration stops. A row whose sums are empty (not
+    being solved) keeps its tau.
     """
     q = 1.0 / (alpha - 1.0)
-    eps = torch.finfo(torch.float64).eps
+    eps = torch.finfo(torch.float64).eps if eps is None else eps
     for _ in range(NEWTON_MAX_ITERS):
         span = x_max - tau
         sum_q, sum_q1 = partial_sums(tau, x_max)
         norm = sum_q ** (1.0 / q)
         step = (span * norm - 1.0) / (norm / sum_q * sum_q1)
-        step = torch.clamp(step, min=0.0)
+        step = torch.clamp(torch.nan_to_num(step, nan=0.0), min=0.0)
         tau = tau + step
         if bool((step <= 4 * eps * torch.maximum(tau.abs(), span)).all()):
             break

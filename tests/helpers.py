@@ -24,12 +24,15 @@ def combo_id(combo) -> str:
     return f"{similarity}-{separation}" + (f"{alpha}" if separation == "entmax" else "")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest error relative to the expected tensor's scale; any NaN or Inf counts as infinite."""
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """Largest error relative to the expected tensor's scale (at least ``floor``, for quantities
+    that can be exactly 0 such as an energy); any NaN or Inf counts as infinite."""
     actual, expected = actual.detach().double(), expected.detach().double()
     if actual.shape != expected.shape or not bool(torch.isfinite(actual).all()):
         return float("inf")
-    scale = expected.abs().max().clamp(min=1e-30)
+    if actual.numel() == 0:
+        return 0.0
+    scale = expected.abs().max().clamp(min=floor)
     return float((actual - expected).abs().max() / scale)
 
 

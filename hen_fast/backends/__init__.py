@@ -111,6 +111,9 @@ def _register_builtin() -> None:
             hint="It is pure PyTorch and always available.",
         )
     )
+    from .triton import BACKEND as triton_backend
+
+    register_backend(triton_backend)
 
 
 _register_builtin()

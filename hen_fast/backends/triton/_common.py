@@ -1,0 +1,179 @@
+"""What every Triton retrieval kernel shares: the score tile, launch geometry, interpreter rules.
+
+Imported only when the Triton backend is first used (it imports triton).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
+# Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
+# boundaries do not depend on the tile size an autotuner picks.
+SPLIT_ALIGN = 256
+LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_splits(num_row_blocks: int, num_memories: int, device: torch.device) -> int:
+    """Splits of the bank so that (row blocks x splits) fills the GPU about four waves deep, as
+    flash-decoding does for few queries; never more splits than SPLIT_ALIGN-row pieces."""
+    if device.type != "cuda":
+        programs = 4  # the interpreter: a few splits, so the combine step is always exercised
+    else:
+        programs = 4 * _multiprocessors(device.index or 0)
+    wanted = max(1, -(-programs // num_row_blocks))
+    return max(1, min(wanted, -(-num_memories // SPLIT_ALIGN)))
+
+
+def split_size(num_memories: int, splits: int) -> int:
+    rows = -(-num_memories // splits)
+    return -(-rows // SPLIT_ALIGN) * SPLIT_ALIGN
+
+
+def dot_settings(*tensors: torch.Tensor) -> tuple[bool, str]:
+    """(cast operands to float32 before tl.dot, input precision). float32 is computed exactly
+    ("ieee", not tf32); the interpreter cannot multiply bfloat16, so it always works in float32;
+    mixed dtypes meet in float32."""
+    dtypes = {t.dtype for t in tensors}
+    to_f32 = interpreting() or len(dtypes) > 1 or torch.float32 in dtypes
+    return to_f32, "ieee"
+
+
+_NORMS_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def cached_sq_norms(keys: torch.Tensor) -> torch.Tensor:
+    """float32 ``||k||^2`` of a bank, computed once per bank: kept while the bank tensor lives and
+    recomputed when it is modified in place (its version counter moves)."""
+    entry = _NORMS_CACHE.get(id(keys))
+    if entry is not None and entry[0]() is keys and entry[1] == keys._version:
+        return entry[2]
+    norms = keys.float().pow(2).sum(dim=1)
+    _NORMS_CACHE[id(keys)] = (weakref.ref(keys), keys._version, norms)
+    weakref.finalize(keys, _NORMS_CACHE.pop, id(keys), None)
+    return norms
+
+
+# What the autotuner chooses on a GPU; the interpreter runs the first config untuned.
+TUNED = [
+    triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+    for block_m in (64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3)
+]
+
+
+def tuned(kernel, config: dict, key: tuple[str, ...] = ("dim",)):
+    """(kernel, launch options): autotuned over TUNED on a GPU, where BLOCK_M, num_warps and
+    num_stages are its to choose; under TRITON_INTERPRET=1 the kernel itself with UNTUNED.
+    Only for kernels whose outputs are a pure function of their inputs (no atomics)."""
+    if interpreting():
+        return kernel, untuned(config)
+    return _autotuned(kernel, key), config
+
+
+UNTUNED = {"BLOCK_M": 32, "num_warps": 4, "num_stages": 2}
+
+
+def untuned(config: dict) -> dict:
+    """Launch options for a kernel the autotuner does not touch."""
+    if interpreting():
+        return {**UNTUNED, **config}
+    return {"BLOCK_M": 64, "num_warps": 4, "num_stages": 2, **config}
+
+
+@functools.cache
+def _autotuned(kernel, key):
+    return triton.autotune(TUNED, key=list(key))(kernel)
+
+
+def strides(tensor: torch.Tensor) -> tuple[int, int]:
+    return tensor.stride(0), tensor.stride(1)
+
+
+@triton.jit
+def score_tile(
+    x_ptr,
+    k_ptr,
+    norms_ptr,
+    rows,
+    mems,
+    row_mask,
+    mem_mask,
+    stride_xb,
+    stride_xd,
+    stride_km,
+    stride_kd,
+    dim,
+    beta,
+    SIM: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """beta * sim for a (BLOCK_B, BLOCK_M) tile in float32; memories past the bank are -inf.
+
+    dot and l2 go through tl.dot over BLOCK_D slices of d (l2 as 2 x.k - ||k||^2 with the bank's
+    float32 squared norms); manhattan has no matrix-unit form and sums |x - k| in registers.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_mask = cols < dim
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        k = tl.load(
+            k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
+            mask=mem_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if SIM == 2:
+            diff = x.to(tl.float32)[:, None, :] - k.to(tl.float32)[None, :, :]
+            acc += tl.sum(tl.abs(diff), axis=2)
+        else:
+            if DOT_F32:
+                x = x.to(tl.float32)
+                k = k.to(tl.float32)
+            acc = tl.dot(x, tl.trans(k), acc, input_precision=PRECISION)
+    if SIM == 1:
+        norms = tl.load(norms_ptr + mems, mask=mem_mask, other=0.0)
+        acc = 2.0 * acc - norms[None, :]
+    if SIM == 2:
+        acc = -acc
+    return tl.where(mem_mask[None, :], beta * acc, float("-inf"))
+
+
+@triton.jit
+def power(base, exponent, EXPONENT_KIND: tl.constexpr):
+    """base ** exponent for base >= 0 (0 ** exponent = 0): exact for 1 and 2."""
+    if EXPONENT_KIND == 1:
+        return base
+    elif EXPONENT_KIND == 2:
+        return base * base
+    else:
+        positive = base > 0
+        return tl.where(positive, tl.exp2(exponent * tl.log2(tl.where(positive, base, 1.0))), 0.0)
+
+
+def exponent_kind(exponent: float) -> int:
+    return 1 if exponent == 1.0 else 2 if exponent == 2.0 else 0

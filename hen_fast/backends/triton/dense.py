@@ -1,0 +1,284 @@
+"""One fused pass over the bank: scores, weights and the weighted sum of values, in bank splits.
+
+Each program takes BLOCK_B queries and one split of the bank (and one BLOCK_DV slice of the
+values), streams the split in BLOCK_M tiles and writes float32 partial states; `combine` merges the
+splits. Weights:
+
+* softmax: online softmax (running max m, sum l, accumulator rescaled by exp(m_old - m_new)),
+  exp2 with log2(e) folded in. Merge: ``L = logsumexp_s L_s``, ``O = sum_s exp(L_s - L) O_s``.
+* polynomial: ``relu(z)^n`` scaled by the running max of relu(z), which cancels in the ratio.
+* entmax with a known threshold (the sparse separations' output pass): ``[(alpha-1) z - tau]_+^q``,
+  no rescaling; the partial sums simply add.
+
+Every program also keeps its split's max score and first argmax, and what return_info needs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import exponent_kind, power, score_tile, split_size, strides, tuned
+
+SOFTMAX, POLYNOMIAL, ENTMAX_WITH_TAU = 0, 1, 2
+
+
+@triton.jit
+def _dense_pass_kernel(
+    x_ptr,
+    k_ptr,
+    norms_ptr,
+    v_ptr,
+    active_ptr,
+    tau_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    part_pz_ptr,
+    part_pa_ptr,
+    part_count_ptr,
+    part_best_ptr,
+    part_index_ptr,
+    num_rows,
+    num_memories,
+    dim,
+    value_dim,
+    rows_per_split,
+    num_splits,
+    beta,
+    degree,
+    alpha,
+    alpha_minus_1,
+    q,
+    stride_xb,
+    stride_xd,
+    stride_km,
+    stride_kd,
+    stride_vm,
+    stride_vd,
+    SIM: tl.constexpr,
+    SEP: tl.constexpr,
+    Q_KIND: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_b, pid_s, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < num_rows
+    # Converged queries are skipped: a block whose rows are all inactive streams nothing.
+    active = tl.load(active_ptr + rows, mask=row_mask, other=0)
+    start = pid_s * rows_per_split
+    stop = tl.minimum(start + rows_per_split, num_memories)
+    stop = tl.where(tl.max(active, axis=0) > 0, stop, start)
+    cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_mask = cols < value_dim
+
+    if SEP == 0:
+        running_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    else:
+        running_max = tl.zeros((BLOCK_B,), tl.float32)
+    running_sum = tl.zeros((BLOCK_B,), tl.float32)
+    acc = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
+    pz = tl.zeros((BLOCK_B,), tl.float32)
+    pa = tl.zeros((BLOCK_B,), tl.float32)
+    count = tl.zeros((BLOCK_B,), tl.int32)
+    best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+    best_index = tl.zeros((BLOCK_B,), tl.int32)
+    if SEP == 2:
+        tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
+
+    for m0 in range(start, stop, BLOCK_M):
+        mems = m0 + tl.arange(0, BLOCK_M)
+        mem_mask = mems < stop
+        z = score_tile(
+            x_ptr,
+            k_ptr,
+            norms_ptr,
+            rows,
+            mems,
+            row_mask,
+            mem_mask,
+            stride_xb,
+            stride_xd,
+            stride_km,
+            stride_kd,
+            dim,
+            beta,
+            SIM,
+            BLOCK_B,
+            BLOCK_M,
+            BLOCK_D,
+            DOT_F32,
+            PRECISION,
+        )
+        tile_best = tl.max(z, axis=1)
+        tile_index = tl.argmax(z, axis=1)  # first on ties
+        better = tile_best > best  # strict: an earlier tile keeps a tie
+        best_index = tl.where(better, m0 + tile_index, best_index)
+        best = tl.where(better, tile_best, best)
+        if SEP == 0:
+            new_max = tl.maximum(running_max, tile_best)
+            rescale = tl.exp2((running_max - new_max) * 1.4426950408889634)
+            weights = tl.exp2((z - new_max[:, None]) * 1.4426950408889634)
+            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+            acc = acc * rescale[:, None]
+            running_max = new_max
+        elif SEP == 1:
+            rectified = tl.maximum(z, 0.0)
+            new_max = tl.maximum(running_max, tl.max(rectified, axis=1))
+            divisor = tl.where(new_max > 0, new_max, 1.0)
+            rescale = power(running_max / divisor, degree, 0)
+            weights = power(rectified / divisor[:, None], degree, 0)
+            running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+            acc = acc * rescale[:, None]
+            count += tl.sum((z > 0).to(tl.int32), axis=1)
+            running_max = new_max
+        else:
+            excess = tl.maximum(alpha_minus_1 * z - tau[:, None], 0.0)
+            weights = power(excess, q, Q_KIND)
+            running_sum += tl.sum(weights, axis=1)
+            count += tl.sum((weights > 0).to(tl.int32), axis=1)
+            pz += tl.sum(tl.where(weights > 0, weights * z, 0.0), axis=1)
+            pa += tl.sum(power(weights, alpha, 0), axis=1)
+        values = tl.load(
+            v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
+            mask=mem_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            acc = tl.dot(weights, values.to(tl.float32), acc, input_precision="ieee")
+        else:  # half-precision values: weights rounded to their dtype, as FlashAttention does
+            acc = tl.dot(weights.to(values.dtype), values, acc)
+
+    part = rows * num_splits + pid_s
+    tl.store(
+        part_acc_ptr + part[:, None] * value_dim + cols[None, :],
+        acc,
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+    if pid_v == 0:
+        tl.store(part_max_ptr + part, running_max, mask=row_mask)
+        tl.store(part_sum_ptr + part, running_sum, mask=row_mask)
+        tl.store(part_pz_ptr + part, pz, mask=row_mask)
+        tl.store(part_pa_ptr + part, pa, mask=row_mask)
+        tl.store(part_count_ptr + part, count, mask=row_mask)
+        tl.store(part_best_ptr + part, best, mask=row_mask)
+        tl.store(part_index_ptr + part, best_index, mask=row_mask)
+
+
+def first_argmax(best: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-split (max, first index) into the row's max and its first index."""
+    top = best.max(dim=1).values
+    candidates = torch.where(best == top[:, None], index, torch.iinfo(index.dtype).max)
+    return top, candidates.min(dim=1).values.long()
+
+
+def dense_pass(
+    x,
+    keys,
+    sq_norms,
+    values,
+    active,
+    *,
+    beta,
+    similarity_code,
+    separation_code,
+    degree=1.0,
+    alpha=2.0,
+    tau=None,
+    splits,
+    config,
+):
+    """Launch the pass; returns the merged (out, support, argmax, lse, raw_partials) in float32.
+
+    ``separation_code`` is SOFTMAX, POLYNOMIAL or ENTMAX_WITH_TAU (then ``tau`` (B,) float32 and
+    ``alpha`` in (1, 2]); ``config`` holds BLOCK_B, BLOCK_D, BLOCK_DV, DOT_F32 and PRECISION.
+    """
+    num_rows, dim = x.shape
+    num_memories, value_dim = values.shape
+    rows_per_split = split_size(num_memories, splits)
+    splits = -(-num_memories // rows_per_split)
+    device = x.device
+    f32 = dict(dtype=torch.float32, device=device)
+    part_max = torch.empty(num_rows, splits, **f32)
+    part_sum = torch.empty(num_rows, splits, **f32)
+    part_acc = torch.empty(num_rows, splits, value_dim, **f32)
+    part_pz = torch.empty(num_rows, splits, **f32)
+    part_pa = torch.empty(num_rows, splits, **f32)
+    part_count = torch.empty(num_rows, splits, dtype=torch.int32, device=device)
+    part_best = torch.empty(num_rows, splits, **f32)
+    part_index = torch.empty(num_rows, splits, dtype=torch.int32, device=device)
+    q = 1.0 / (alpha - 1.0)
+    tau_arg = tau if tau is not None else part_max  # unused unless ENTMAX_WITH_TAU
+    grid = (
+        triton.cdiv(num_rows, config["BLOCK_B"]),
+        splits,
+        triton.cdiv(value_dim, config["BLOCK_DV"]),
+    )
+    kernel, options = tuned(_dense_pass_kernel, config, key=("dim", "value_dim"))
+    kernel[grid](
+        x,
+        keys,
+        sq_norms if sq_norms is not None else part_max,
+        values,
+        active,
+        tau_arg,
+        part_max,
+        part_sum,
+        part_acc,
+        part_pz,
+        part_pa,
+        part_count,
+        part_best,
+        part_index,
+        num_rows,
+        num_memories,
+        dim,
+        value_dim,
+        rows_per_split,
+        splits,
+        float(beta),
+        float(degree),
+        float(alpha),
+        float(alpha - 1.0),
+        q,
+        *strides(x),
+        *strides(keys),
+        *strides(values),
+        SIM=similarity_code,
+        SEP=separation_code,
+        Q_KIND=exponent_kind(q),
+        **options,
+    )
+    top, argmax = first_argmax(part_best, part_index)
+    support = part_count.sum(dim=1).long()
+    if separation_code == SOFTMAX:
+        row_max = part_max.max(dim=1, keepdim=True).values
+        scale = torch.exp(part_max - row_max)  # an empty split has max -inf: scale 0
+        total = (part_sum * scale).sum(dim=1)
+        out = (part_acc * scale[..., None]).sum(dim=1) / total[:, None]
+        lse = row_max.squeeze(1) + torch.log(total)
+    elif separation_code == POLYNOMIAL:
+        row_max = part_max.max(dim=1, keepdim=True).values
+        safe = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+        scale = (part_max / safe) ** degree
+        total = (part_sum * scale).sum(dim=1)
+        nonzero = total > 0
+        out = (part_acc * scale[..., None]).sum(dim=1)
+        out = torch.where(nonzero[:, None], out / torch.where(nonzero, total, 1.0)[:, None], 0.0)
+        lse = degree * torch.log(row_max.squeeze(1)) + torch.log(total)
+        lse = torch.where(nonzero, lse, torch.full_like(lse, -math.inf))
+    else:
+        total = part_sum.sum(dim=1)
+        out = part_acc.sum(dim=1) / total[:, None]
+        lse = part_pz.sum(dim=1) / total + (1.0 - part_pa.sum(dim=1) / total**alpha) / (
+            alpha * (alpha - 1.0)
+        )
+    return out, support, argmax, lse, top

@@ -1,0 +1,245 @@
+"""The Triton backend against hen_fast.reference, on the CPU through TRITON_INTERPRET=1 (small
+shapes) and on a GPU (tests marked gpu). Every output buffer the kernels write is poisoned first."""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from helpers import BETA, COMBINATIONS, combo_id, randint, random_problem, rel_err  # noqa: E402
+
+import hen_fast  # noqa: E402
+from hen_fast import reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """torch.empty returns NaN (floats) or a huge negative (ints): an element a kernel forgot to
+    write shows up as NaN or a wrong index."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        tensor = empty(*args, **kwargs)
+        return tensor.fill_(math.nan if tensor.is_floating_point() else -(2**30))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _triton(*args, **kwargs):
+    from hen_fast.backends.triton.retrieve import retrieve
+
+    return retrieve(*args, **kwargs)
+
+
+def _kwargs(combo):
+    similarity, separation, alpha = combo
+    return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
+
+
+def _check(out, info, queries, memories, values, **kwargs):
+    """Accuracy rule: at most twice the float32 reference's error against float64 (plus a floor
+    for a lucky reference), and far under 1e-4 for one update; the info equals the float64
+    computation's. Iterating can amplify rounding (the reference's own error then grows too), so
+    over several steps only the relative rule applies, its floor growing with the steps."""
+    expected, expected_info = reference.naive_retrieve(
+        queries, memories, values, return_info=True, **kwargs
+    )
+    ours, ours_info = reference.retrieve(queries, memories, values, return_info=True, **kwargs)
+    ours_error = rel_err(ours, expected)
+    error = rel_err(out, expected)
+    steps = kwargs.get("steps", 1)
+    assert error <= 2 * ours_error + 2e-6 * steps, (error, ours_error)
+    assert steps > 1 or error < 1e-5, error
+    if info is not None:
+        assert torch.equal(info.steps.cpu(), expected_info.steps)
+        assert torch.equal(info.argmax.cpu(), expected_info.argmax)
+        assert torch.equal(info.support.cpu(), expected_info.support)
+        finite = torch.isfinite(expected_info.lse)
+        assert torch.equal(torch.isfinite(info.lse.cpu()), finite)
+        lse_error = rel_err(info.lse.cpu()[finite], expected_info.lse[finite], floor=1.0)
+        ours_lse_error = rel_err(ours_info.lse[finite], expected_info.lse[finite], floor=1.0)
+        assert lse_error <= 2 * ours_lse_error + 2e-6 * steps, (lse_error, ours_lse_error)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_matches_reference(gen, combo, steps):
+    queries, memories, values = random_problem(
+        gen, dtype=torch.float32, same_dims=steps > 1, max_queries=20, max_memories=300
+    )
+    values = None if steps > 1 else values
+    out, info = hen_fast.retrieve(
+        queries.to(DEVICE),
+        memories.to(DEVICE),
+        None if values is None else values.to(DEVICE),
+        steps=steps,
+        backend="triton",
+        return_info=True,
+        **_kwargs(combo),
+    )
+    assert out.dtype == torch.float32 and out.device.type == DEVICE
+    _check(out.cpu(), info, queries, memories, values, steps=steps, **_kwargs(combo))
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_forced_splits_and_row_blocks(gen, combo):
+    """Many splits (some empty of work), several query blocks, a bank that is no tile multiple."""
+    queries, memories, values = random_problem(
+        gen, dtype=torch.float32, max_queries=40, max_memories=400
+    )
+    splits = randint(gen, 2, 7)
+    out, info = _triton(
+        queries, memories, values, return_info=True, num_splits_override=splits, **_kwargs(combo)
+    )
+    _check(out, info, queries, memories, values, **_kwargs(combo))
+
+
+@pytest.mark.parametrize(
+    "separation, alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.3)]
+)
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_sparse_buffer_overflow_falls_back_exactly(gen, separation, alpha, capacity):
+    """Small beta gives wide supports: the candidate buffer overflows and Newton passes over the
+    bank settle the threshold."""
+    queries, memories, values = random_problem(gen, dtype=torch.float32, max_memories=200)
+    kwargs = dict(beta=0.05, similarity="dot", separation=separation, alpha=alpha)
+    out, info = _triton(
+        queries,
+        memories,
+        values,
+        return_info=True,
+        capacity=capacity,
+        num_splits_override=3,
+        **kwargs,
+    )
+    assert int(info.support.max()) > capacity  # the fallback really ran
+    _check(out, info, queries, memories, values, **kwargs)
+    p, _ = _triton(queries, memories, torch.eye(memories.shape[0]), capacity=capacity, **kwargs)
+    assert (p.sum(dim=1) - 1).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[2] in (1.5, 1.25)], ids=combo_id)
+def test_steps_tol_and_clamp_on_the_device(gen, combo):
+    queries, memories, _ = random_problem(gen, dtype=torch.float32, same_dims=True)
+    mask = torch.rand(queries.shape[1], generator=gen) < 0.3
+    kwargs = dict(_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
+    out, info = _triton(queries, memories, return_info=True, **kwargs)
+    _check(out, info, queries, memories, None, **kwargs)
+    assert torch.equal(out[:, mask], queries[:, mask])
+
+
+def test_single_query_and_strided_inputs_through_the_api(gen):
+    queries, memories, values = random_problem(gen, dtype=torch.float32)
+    out = hen_fast.retrieve(
+        queries[0], memories, values, backend="triton", beta=0.5, separation="entmax", alpha=1.7
+    )
+    expected = hen_fast.retrieve(
+        queries[0], memories, values, backend="torch", beta=0.5, separation="entmax", alpha=1.7
+    )
+    assert out.shape == expected.shape and rel_err(out, expected) < 1e-5
+
+
+def test_float16_inputs(gen):
+    queries, memories, values = random_problem(gen, dtype=torch.float16)
+    for separation in ("softmax", "sparsemax"):
+        out = _triton(queries, memories, values, beta=0.5, separation=separation)[0]
+        expected = reference.naive_retrieve(
+            queries, memories, values, beta=0.5, separation=separation
+        )
+        assert out.dtype == torch.float16
+        assert rel_err(out, expected) < 2e-3
+
+
+def test_auto_never_picks_the_interpreter_and_refuses_what_it_cannot_do():
+    queries, memories = torch.randn(3, 5), torch.randn(9, 5)
+    assert "triton" not in hen_fast.available_backends("cpu")
+    with pytest.raises(hen_fast.BackendUnavailableError, match="not float64"):
+        hen_fast.retrieve(queries.double(), memories.double(), backend="triton")
+    with pytest.raises(hen_fast.BackendUnavailableError, match="no backward pass"):
+        hen_fast.retrieve(queries.requires_grad_(), memories, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax", "polynomial"])
+def test_large_banks_on_gpu(dtype, separation):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    memories = torch.randn(1_000_000, 128, device="cuda", generator=generator, dtype=dtype)
+    queries = memories[:16].float() + 0.1 * torch.randn(
+        16, 128, device="cuda", dtype=torch.float32, generator=generator
+    )
+    queries = queries.to(dtype)
+    kwargs = dict(beta=0.2, similarity="dot", separation=separation, alpha=1.5)
+    out = hen_fast.retrieve(queries, memories, backend="triton", **kwargs)
+    expected, _ = reference.retrieve(queries, memories, **kwargs)
+    tolerance = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(out, expected) < tolerance
+
+
+def test_bank_norms_are_computed_once_and_refreshed_after_in_place_changes(monkeypatch):
+    from hen_fast.backends.triton import _common
+
+    bank = torch.randn(50, 6)
+    first = _common.cached_sq_norms(bank)
+    assert _common.cached_sq_norms(bank) is first
+    assert torch.allclose(first, (bank.double() ** 2).sum(1).float())
+    bank[3] *= 2  # in place: the version counter moves
+    refreshed = _common.cached_sq_norms(bank)
+    assert refreshed is not first and torch.allclose(refreshed, (bank**2).sum(1))
+    key = id(bank)
+    del bank
+    assert key not in _common._NORMS_CACHE
+
+
+def test_gpu_benchmark_script_smoke(tmp_path):
+    """The benchmark's whole path (ceilings, baselines, records, JSON, PNG) on tiny shapes."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "bench_retrieve_gpu.py"
+    out = tmp_path / "smoke.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--smoke",
+            "--out",
+            str(out),
+            "--separations",
+            "softmax",
+            "sparsemax",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = json.loads(out.read_text())
+    assert {"device", "date", "versions", "ceilings", "records"} <= set(result)
+    record = result["records"][0]
+    for field in (
+        "op",
+        "similarity",
+        "separation",
+        "alpha",
+        "B",
+        "M",
+        "d",
+        "dv",
+        "dtype",
+        "steps",
+        "backend",
+        "ms",
+        "gbps",
+        "tflops",
+        "roofline_fraction",
+        "baselines",
+    ):
+        assert field in record
+    assert set(record["baselines"]) == {"torch_eager", "torch_compile", "sdpa", "entmax"}
+    assert len(result["records"]) == 2 * 3 * 2  # B values x similarities x separations
+    assert out.with_suffix(".png").stat().st_size > 0
