@@ -143,14 +143,28 @@ def test_single_query_and_strided_inputs_through_the_api(gen):
     assert out.shape == expected.shape and rel_err(out, expected) < 1e-5
 
 
-def test_float16_inputs(gen):
-    queries, memories, values = random_problem(gen, dtype=torch.float16)
+@pytest.mark.parametrize(
+    "query_dtype, bank_dtype",
+    [
+        (torch.float16, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.float16),
+    ],
+)
+def test_half_and_mixed_precision_inputs(gen, query_dtype, bank_dtype):
+    """float16 runs in the interpreter (bfloat16 does not: it is checked on a GPU)."""
+    queries, memories, values = random_problem(gen)
+    queries, memories, values = (
+        queries.to(query_dtype),
+        memories.to(bank_dtype),
+        values.to(bank_dtype),
+    )
     for separation in ("softmax", "sparsemax"):
         out = _triton(queries, memories, values, beta=0.5, separation=separation)[0]
         expected = reference.naive_retrieve(
             queries, memories, values, beta=0.5, separation=separation
         )
-        assert out.dtype == torch.float16
+        assert out.dtype == query_dtype
         assert rel_err(out, expected) < 2e-3
 
 
@@ -243,3 +257,24 @@ def test_gpu_benchmark_script_smoke(tmp_path):
     assert set(record["baselines"]) == {"torch_eager", "torch_compile", "sdpa", "entmax"}
     assert len(result["records"]) == 2 * 3 * 2  # B values x similarities x separations
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_every_kernel_compiles_for_hopper_and_ampere():
+    """The kernels as a GPU would build them (sm_90 and sm_80 cubins), checked without one."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hen_fast.backends.triton.compile_check"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    failed = [r for r in results if not r["ok"]]
+    assert len(results) >= 40 and not failed, failed or done.stderr[-2000:]
+    assert done.returncode == 0

@@ -17,7 +17,7 @@ SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
 # Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
 # boundaries do not depend on the tile size an autotuner picks.
 SPLIT_ALIGN = 256
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read it
 
 
 def interpreting() -> bool:
@@ -108,25 +108,9 @@ def strides(tensor: torch.Tensor) -> tuple[int, int]:
 
 @triton.jit
 def score_tile(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    rows,
-    mems,
-    row_mask,
-    mem_mask,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    dim,
-    beta,
-    SIM: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd, stride_km,
+    stride_kd, dim, beta, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """beta * sim for a (BLOCK_B, BLOCK_M) tile in float32; memories past the bank are -inf.
 
@@ -139,13 +123,11 @@ def score_tile(
         col_mask = cols < dim
         x = tl.load(
             x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
         )
         k = tl.load(
             k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
-            mask=mem_mask[:, None] & col_mask[None, :],
-            other=0.0,
+            mask=mem_mask[:, None] & col_mask[None, :], other=0.0,
         )
         if SIM == 2:
             diff = x.to(tl.float32)[:, None, :] - k.to(tl.float32)[None, :, :]
@@ -155,6 +137,12 @@ def score_tile(
                 x = x.to(tl.float32)
                 k = k.to(tl.float32)
             acc = tl.dot(x, tl.trans(k), acc, input_precision=PRECISION)
+    return finish_scores(acc, norms_ptr, mems, mem_mask, beta, SIM)
+
+
+@triton.jit
+def finish_scores(acc, norms_ptr, mems, mem_mask, beta, SIM: tl.constexpr):
+    """beta * sim from the raw tile (x.k for dot and l2, sum |x - k| for manhattan)."""
     if SIM == 1:
         norms = tl.load(norms_ptr + mems, mask=mem_mask, other=0.0)
         acc = 2.0 * acc - norms[None, :]

@@ -1,16 +1,18 @@
 """One fused pass over the bank: scores, weights and the weighted sum of values, in bank splits.
 
 Each program takes BLOCK_B queries and one split of the bank (and one BLOCK_DV slice of the
-values), streams the split in BLOCK_M tiles and writes float32 partial states; `combine` merges the
-splits. Weights:
+values), streams the split in BLOCK_M tiles and writes float32 partial states; `_combine_kernel`
+merges the splits. Weights:
 
 * softmax: online softmax (running max m, sum l, accumulator rescaled by exp(m_old - m_new)),
-  exp2 with log2(e) folded in. Merge: ``L = logsumexp_s L_s``, ``O = sum_s exp(L_s - L) O_s``.
+  exp2 with log2(e) folded in. Merge: ``O = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
 * polynomial: ``relu(z)^n`` scaled by the running max of relu(z), which cancels in the ratio.
-* entmax with a known threshold (the sparse separations' output pass): ``[(alpha-1) z - tau]_+^q``,
-  no rescaling; the partial sums simply add.
+* entmax with a known threshold (the sparse separations' full output pass):
+  ``[(alpha-1) z - tau]_+^q``, no rescaling; the partial sums simply add.
 
-Every program also keeps its split's max score and first argmax, and what return_info needs.
+For auto-association (values are the keys, dot or l2, a 16-bit bank with d <= 256) one key tile
+serves as both the scores' operand and the values: the bank is read once per pass. Every program
+also keeps its split's max score and first argmax, and what return_info needs.
 """
 
 from __future__ import annotations
@@ -21,53 +23,32 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exponent_kind, power, score_tile, split_size, strides, tuned
+from ._common import (
+    LOG2E,
+    exponent_kind,
+    finish_scores,
+    interpreting,
+    power,
+    score_tile,
+    split_size,
+    strides,
+    tuned,
+)
 
 SOFTMAX, POLYNOMIAL, ENTMAX_WITH_TAU = 0, 1, 2
 
 
 @triton.jit
 def _dense_pass_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    v_ptr,
-    active_ptr,
-    tau_ptr,
-    part_max_ptr,
-    part_sum_ptr,
-    part_acc_ptr,
-    part_pz_ptr,
-    part_pa_ptr,
-    part_count_ptr,
-    part_best_ptr,
-    part_index_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    value_dim,
-    rows_per_split,
-    num_splits,
-    beta,
-    degree,
-    alpha,
-    alpha_minus_1,
-    q,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    SIM: tl.constexpr,
-    SEP: tl.constexpr,
-    Q_KIND: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, active_ptr, tau_ptr,
+    part_max_ptr, part_sum_ptr, part_acc_ptr, part_pz_ptr, part_pa_ptr, part_count_ptr,
+    part_best_ptr, part_index_ptr,
+    num_rows, num_memories, dim, value_dim, rows_per_split, num_splits,
+    beta, degree, alpha, alpha_minus_1, q,
+    stride_xb, stride_xd, stride_km, stride_kd, stride_vm, stride_vd,
+    SIM: tl.constexpr, SEP: tl.constexpr, Q_KIND: tl.constexpr, SAME_KV: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b, pid_s, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -93,31 +74,29 @@ def _dense_pass_kernel(
     best_index = tl.zeros((BLOCK_B,), tl.int32)
     if SEP == 2:
         tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
+    if SAME_KV:  # the whole query row fits one BLOCK_DV slice (cols cover d)
+        queries = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+                          mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT_F32:
+            queries = queries.to(tl.float32)
 
     for m0 in range(start, stop, BLOCK_M):
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < stop
-        z = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            beta,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
-        )
+        if SAME_KV:
+            values = tl.load(k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
+                             mask=mem_mask[:, None] & col_mask[None, :], other=0.0)
+            if DOT_F32:
+                raw = tl.dot(queries, tl.trans(values.to(tl.float32)), input_precision=PRECISION)
+            else:
+                raw = tl.dot(queries, tl.trans(values))
+            z = finish_scores(raw, norms_ptr, mems, mem_mask, beta, SIM)
+        else:
+            z = score_tile(x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask,
+                           stride_xb, stride_xd, stride_km, stride_kd, dim, beta,
+                           SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION)
+            values = tl.load(v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
+                             mask=mem_mask[:, None] & col_mask[None, :], other=0.0)
         tile_best = tl.max(z, axis=1)
         tile_index = tl.argmax(z, axis=1)  # first on ties
         better = tile_best > best  # strict: an earlier tile keeps a tie
@@ -125,8 +104,8 @@ def _dense_pass_kernel(
         best = tl.where(better, tile_best, best)
         if SEP == 0:
             new_max = tl.maximum(running_max, tile_best)
-            rescale = tl.exp2((running_max - new_max) * 1.4426950408889634)
-            weights = tl.exp2((z - new_max[:, None]) * 1.4426950408889634)
+            rescale = tl.exp2((running_max - new_max) * LOG2E)
+            weights = tl.exp2((z - new_max[:, None]) * LOG2E)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
             acc = acc * rescale[:, None]
             running_max = new_max
@@ -147,22 +126,14 @@ def _dense_pass_kernel(
             count += tl.sum((weights > 0).to(tl.int32), axis=1)
             pz += tl.sum(tl.where(weights > 0, weights * z, 0.0), axis=1)
             pa += tl.sum(power(weights, alpha, 0), axis=1)
-        values = tl.load(
-            v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
-            mask=mem_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
         if DOT_F32:
             acc = tl.dot(weights, values.to(tl.float32), acc, input_precision="ieee")
         else:  # half-precision values: weights rounded to their dtype, as FlashAttention does
             acc = tl.dot(weights.to(values.dtype), values, acc)
 
     part = rows * num_splits + pid_s
-    tl.store(
-        part_acc_ptr + part[:, None] * value_dim + cols[None, :],
-        acc,
-        mask=row_mask[:, None] & col_mask[None, :],
-    )
+    tl.store(part_acc_ptr + part[:, None] * value_dim + cols[None, :], acc,
+             mask=row_mask[:, None] & col_mask[None, :])
     if pid_v == 0:
         tl.store(part_max_ptr + part, running_max, mask=row_mask)
         tl.store(part_sum_ptr + part, running_sum, mask=row_mask)
@@ -173,6 +144,51 @@ def _dense_pass_kernel(
         tl.store(part_index_ptr + part, best_index, mask=row_mask)
 
 
+@triton.jit
+def _combine_kernel(
+    part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, total_ptr, top_ptr,
+    num_splits, value_dim, degree,
+    SEP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Merge one query's split states: out = sum_s w_s acc_s / sum_s w_s l_s, with w_s rescaling
+    split s to the row's max (exp(m_s - m) for softmax, (m_s / m)^n for polynomial, 1 else)."""
+    row, pid_v = tl.program_id(0), tl.program_id(1)
+    base = row * num_splits
+    cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    col_mask = cols < value_dim
+    # An empty or padded split holds max -inf (softmax) or 0 (others): it never wins the max.
+    top = tl.load(part_max_ptr + base + tl.arange(0, BLOCK_S),
+                  mask=tl.arange(0, BLOCK_S) < num_splits, other=float("-inf"))
+    for s0 in range(BLOCK_S, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(part_max_ptr + base + splits, mask=splits < num_splits,
+                                      other=float("-inf")))
+    row_max = tl.max(top, axis=0)
+    total = tl.zeros((BLOCK_S,), tl.float32)
+    acc = tl.zeros((BLOCK_DV,), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + tl.arange(0, BLOCK_S)
+        split_mask = splits < num_splits
+        split_max = tl.load(part_max_ptr + base + splits, mask=split_mask, other=0.0)
+        if SEP == 0:
+            weight = tl.exp2((split_max - row_max) * LOG2E)
+        elif SEP == 1:
+            weight = power(split_max / tl.where(row_max > 0, row_max, 1.0), degree, 0)
+        else:
+            weight = tl.full((BLOCK_S,), 1.0, tl.float32)
+        weight = tl.where(split_mask, weight, 0.0)
+        total += weight * tl.load(part_sum_ptr + base + splits, mask=split_mask, other=0.0)
+        partial = tl.load(part_acc_ptr + (base + splits)[:, None] * value_dim + cols[None, :],
+                          mask=split_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.sum(weight[:, None] * partial, axis=0)
+    row_total = tl.sum(total, axis=0)
+    safe_total = tl.where(row_total > 0, row_total, 1.0)  # polynomial, all scores <= 0: zeros
+    tl.store(out_ptr + row * value_dim + cols, acc / safe_total, mask=col_mask)
+    if pid_v == 0:
+        tl.store(total_ptr + row, row_total)
+        tl.store(top_ptr + row, row_max)
+
+
 def first_argmax(best: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge per-split (max, first index) into the row's max and its first index."""
     top = best.max(dim=1).values
@@ -180,26 +196,14 @@ def first_argmax(best: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
     return top, candidates.min(dim=1).values.long()
 
 
-def dense_pass(
-    x,
-    keys,
-    sq_norms,
-    values,
-    active,
-    *,
-    beta,
-    similarity_code,
-    separation_code,
-    degree=1.0,
-    alpha=2.0,
-    tau=None,
-    splits,
-    config,
-):
-    """Launch the pass; returns the merged (out, support, argmax, lse, raw_partials) in float32.
+def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, separation_code,
+               degree=1.0, alpha=2.0, tau=None, splits, config, want_info=True):
+    """Launch the pass and merge its splits; returns (out, support, argmax, lse) in float32, the
+    last three None unless ``want_info``.
 
     ``separation_code`` is SOFTMAX, POLYNOMIAL or ENTMAX_WITH_TAU (then ``tau`` (B,) float32 and
     ``alpha`` in (1, 2]); ``config`` holds BLOCK_B, BLOCK_D, BLOCK_DV, DOT_F32 and PRECISION.
+    ``support`` is only counted for polynomial and entmax (softmax needs the lse first).
     """
     num_rows, dim = x.shape
     num_memories, value_dim = values.shape
@@ -207,78 +211,50 @@ def dense_pass(
     splits = -(-num_memories // rows_per_split)
     device = x.device
     f32 = dict(dtype=torch.float32, device=device)
-    part_max = torch.empty(num_rows, splits, **f32)
-    part_sum = torch.empty(num_rows, splits, **f32)
+    part_max, part_sum, part_pz, part_pa, part_best = (
+        torch.empty(num_rows, splits, **f32) for _ in range(5))
     part_acc = torch.empty(num_rows, splits, value_dim, **f32)
-    part_pz = torch.empty(num_rows, splits, **f32)
-    part_pa = torch.empty(num_rows, splits, **f32)
-    part_count = torch.empty(num_rows, splits, dtype=torch.int32, device=device)
-    part_best = torch.empty(num_rows, splits, **f32)
-    part_index = torch.empty(num_rows, splits, dtype=torch.int32, device=device)
+    part_count, part_index = (
+        torch.empty(num_rows, splits, dtype=torch.int32, device=device) for _ in range(2))
     q = 1.0 / (alpha - 1.0)
-    tau_arg = tau if tau is not None else part_max  # unused unless ENTMAX_WITH_TAU
-    grid = (
-        triton.cdiv(num_rows, config["BLOCK_B"]),
-        splits,
-        triton.cdiv(value_dim, config["BLOCK_DV"]),
-    )
+    # A shared tile holds BLOCK_M x d per pipeline stage: within shared memory for 16-bit banks
+    # up to d = 256, not for float32 (the compile check measured 360 KB at d = 256), which reads
+    # keys and values separately. The interpreter has no such limit and always tests the path.
+    same_kv = (similarity_code != 2 and values is keys and value_dim <= 256
+               and (not config["DOT_F32"] or interpreting()))
+    config = dict(config)
+    if same_kv:
+        config["BLOCK_DV"] = max(16, triton.next_power_of_2(value_dim))
+    grid = (triton.cdiv(num_rows, config["BLOCK_B"]), splits,
+            triton.cdiv(value_dim, config["BLOCK_DV"]))
     kernel, options = tuned(_dense_pass_kernel, config, key=("dim", "value_dim"))
     kernel[grid](
-        x,
-        keys,
-        sq_norms if sq_norms is not None else part_max,
-        values,
-        active,
-        tau_arg,
-        part_max,
-        part_sum,
-        part_acc,
-        part_pz,
-        part_pa,
-        part_count,
-        part_best,
-        part_index,
-        num_rows,
-        num_memories,
-        dim,
-        value_dim,
-        rows_per_split,
-        splits,
-        float(beta),
-        float(degree),
-        float(alpha),
-        float(alpha - 1.0),
-        q,
-        *strides(x),
-        *strides(keys),
-        *strides(values),
-        SIM=similarity_code,
-        SEP=separation_code,
-        Q_KIND=exponent_kind(q),
+        x, keys, sq_norms if sq_norms is not None else part_max, values, active,
+        tau if tau is not None else part_max,  # read only by ENTMAX_WITH_TAU
+        part_max, part_sum, part_acc, part_pz, part_pa, part_count, part_best, part_index,
+        num_rows, num_memories, dim, value_dim, rows_per_split, splits,
+        float(beta), float(degree), float(alpha), float(alpha - 1.0), q,
+        *strides(x), *strides(keys), *strides(values),
+        SIM=similarity_code, SEP=separation_code, Q_KIND=exponent_kind(q), SAME_KV=same_kv,
         **options,
     )
-    top, argmax = first_argmax(part_best, part_index)
+    out = torch.empty(num_rows, value_dim, **f32)
+    total = torch.empty(num_rows, **f32)
+    row_max = torch.empty(num_rows, **f32)
+    block_dv = min(128, max(16, triton.next_power_of_2(value_dim)))
+    _combine_kernel[(num_rows, triton.cdiv(value_dim, block_dv))](
+        part_max, part_sum, part_acc, out, total, row_max, splits, value_dim, float(degree),
+        SEP=separation_code, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_DV=block_dv,
+    )
+    if not want_info:
+        return out, None, None, None
+    _, argmax = first_argmax(part_best, part_index)
     support = part_count.sum(dim=1).long()
     if separation_code == SOFTMAX:
-        row_max = part_max.max(dim=1, keepdim=True).values
-        scale = torch.exp(part_max - row_max)  # an empty split has max -inf: scale 0
-        total = (part_sum * scale).sum(dim=1)
-        out = (part_acc * scale[..., None]).sum(dim=1) / total[:, None]
-        lse = row_max.squeeze(1) + torch.log(total)
+        lse = row_max + torch.log(total)
     elif separation_code == POLYNOMIAL:
-        row_max = part_max.max(dim=1, keepdim=True).values
-        safe = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
-        scale = (part_max / safe) ** degree
-        total = (part_sum * scale).sum(dim=1)
-        nonzero = total > 0
-        out = (part_acc * scale[..., None]).sum(dim=1)
-        out = torch.where(nonzero[:, None], out / torch.where(nonzero, total, 1.0)[:, None], 0.0)
-        lse = degree * torch.log(row_max.squeeze(1)) + torch.log(total)
-        lse = torch.where(nonzero, lse, torch.full_like(lse, -math.inf))
+        lse = torch.where(total > 0, degree * torch.log(row_max) + torch.log(total), -math.inf)
     else:
-        total = part_sum.sum(dim=1)
-        out = part_acc.sum(dim=1) / total[:, None]
-        lse = part_pz.sum(dim=1) / total + (1.0 - part_pa.sum(dim=1) / total**alpha) / (
-            alpha * (alpha - 1.0)
-        )
-    return out, support, argmax, lse, top
+        lse = part_pz.sum(dim=1) / total + (
+            1.0 - part_pa.sum(dim=1) / total**alpha) / (alpha * (alpha - 1.0))
+    return out, support, argmax, lse

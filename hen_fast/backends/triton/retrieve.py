@@ -41,22 +41,9 @@ def launch_config(dim: int, value_dim: int, num_rows: int, similarity: str, *ten
 
 
 def retrieve(
-    queries,
-    memories,
-    values=None,
-    *,
-    beta=1.0,
-    similarity="dot",
-    separation="softmax",
-    alpha=1.5,
-    degree=10,
-    steps=1,
-    tol=None,
-    clamp_mask=None,
-    return_info=False,
-    num_splits_override=None,
-    capacity=DEFAULT_CAPACITY,
-    sq_norms=None,
+    queries, memories, values=None, *, beta=1.0, similarity="dot", separation="softmax", alpha=1.5,
+    degree=10, steps=1, tol=None, clamp_mask=None, return_info=False, num_splits_override=None,
+    capacity=DEFAULT_CAPACITY, sq_norms=None,
 ):
     """The Triton backend. Same contract as :func:`hen_fast.reference.retrieve`;
     ``num_splits_override`` forces the number of bank splits (tests), ``capacity`` is the sparse
@@ -79,30 +66,17 @@ def retrieve(
     def one_step(x, active):
         if separation in ("softmax", "polynomial"):
             code = SOFTMAX if separation == "softmax" else POLYNOMIAL
-            out, support, argmax, lse, _ = dense_pass(
-                x,
-                memories,
-                sq_norms,
-                values,
-                active,
-                separation_code=code,
-                degree=float(degree),
-                **common,
+            out, support, argmax, lse = dense_pass(
+                x, memories, sq_norms, values, active, separation_code=code, degree=float(degree),
+                want_info=return_info, **common,
             )
             if separation == "softmax" and return_info:
                 threshold = lse + math.log(SOFTMAX_SUPPORT_EPS)
                 support, _, _ = threshold_stats(x, memories, sq_norms, active, threshold, **common)
             return out, support, argmax, lse
         return sparse_step(
-            x,
-            memories,
-            sq_norms,
-            values,
-            active,
-            alpha=separation_alpha(separation, alpha),
-            capacity=capacity,
-            want_info=return_info,
-            **common,
+            x, memories, sq_norms, values, active, alpha=separation_alpha(separation, alpha),
+            capacity=capacity, want_info=return_info, **common,
         )
 
     x0 = queries

@@ -31,32 +31,10 @@ DEFAULT_CAPACITY = 256
 
 @triton.jit
 def _candidates_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    active_ptr,
-    cand_value_ptr,
-    cand_index_ptr,
-    cand_count_ptr,
-    part_best_ptr,
-    part_index_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    rows_per_split,
-    num_splits,
-    capacity,
-    beta,
-    alpha_minus_1,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    SIM: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, active_ptr, cand_value_ptr, cand_index_ptr, cand_count_ptr,
+    part_best_ptr, part_index_ptr, num_rows, num_memories, dim, rows_per_split, num_splits,
+    capacity, beta, alpha_minus_1, stride_xb, stride_xd, stride_km, stride_kd, SIM: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_b, pid_s = tl.program_id(0), tl.program_id(1)
@@ -72,25 +50,8 @@ def _candidates_kernel(
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < stop
         z = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            beta,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
+            x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
+            stride_km, stride_kd, dim, beta, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         y = alpha_minus_1 * z
         tile_best = tl.max(y, axis=1)
@@ -113,20 +74,8 @@ def _candidates_kernel(
 
 @triton.jit
 def _gather_kernel(
-    cand_value_ptr,
-    cand_index_ptr,
-    cand_count_ptr,
-    tau_ptr,
-    v_ptr,
-    out_ptr,
-    value_dim,
-    capacity,
-    q,
-    stride_vm,
-    stride_vd,
-    Q_KIND: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    cand_value_ptr, cand_index_ptr, cand_count_ptr, tau_ptr, v_ptr, out_ptr, value_dim, capacity, q,
+    stride_vm, stride_vd, Q_KIND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     row, pid_v = tl.program_id(0), tl.program_id(1)
     filled = tl.minimum(tl.load(cand_count_ptr + row), capacity)
@@ -144,8 +93,7 @@ def _gather_kernel(
         # Only rows with weight are read from the values: the support, not the buffer.
         values = tl.load(
             v_ptr + index[:, None] * stride_vm + cols[None, :] * stride_vd,
-            mask=(weights > 0)[:, None] & col_mask[None, :],
-            other=0.0,
+            mask=(weights > 0)[:, None] & col_mask[None, :], other=0.0,
         )
         acc += tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
         total += weights
@@ -153,19 +101,8 @@ def _gather_kernel(
 
 
 def sparse_step(
-    x,
-    keys,
-    sq_norms,
-    values,
-    active,
-    *,
-    beta,
-    alpha,
-    similarity_code,
-    splits,
-    config,
-    capacity=DEFAULT_CAPACITY,
-    want_info=True,
+    x, keys, sq_norms, values, active, *, beta, alpha, similarity_code, splits, config,
+    capacity=DEFAULT_CAPACITY, want_info=True,
 ):
     """One sparsemax/entmax update; returns (out, support, argmax, lse) in float32."""
     num_rows, num_memories = x.shape[0], keys.shape[0]
@@ -180,27 +117,10 @@ def sparse_step(
     part_index = torch.empty(num_rows, splits, dtype=torch.int32, device=device)
     grid = (triton.cdiv(num_rows, config["BLOCK_B"]), splits)
     _candidates_kernel[grid](
-        x,
-        keys,
-        sq_norms if sq_norms is not None else part_best,
-        active,
-        cand_value,
-        cand_index,
-        cand_count,
-        part_best,
-        part_index,
-        num_rows,
-        num_memories,
-        x.shape[1],
-        rows_per_split,
-        splits,
-        capacity,
-        float(beta),
-        float(alpha - 1.0),
-        *strides(x),
-        *strides(keys),
-        SIM=similarity_code,
-        **untuned({k: v for k, v in config.items() if k != "BLOCK_DV"}),
+        x, keys, sq_norms if sq_norms is not None else part_best, active, cand_value, cand_index,
+        cand_count, part_best, part_index, num_rows, num_memories, x.shape[1], rows_per_split,
+        splits, capacity, float(beta), float(alpha - 1.0), *strides(x), *strides(keys),
+        SIM=similarity_code, **untuned({k: v for k, v in config.items() if k != "BLOCK_DV"}),
     )
     top, argmax = first_argmax(part_best, part_index)
 
@@ -214,9 +134,7 @@ def sparse_step(
         tau = reference._sorted_threshold(buffered.sort(dim=1, descending=True).values, alpha)
     else:
         tau = reference._newton_threshold(
-            reference._row_sums(buffered, 1.0 / (alpha - 1.0)),
-            top.double(),
-            top.double() - 1.0,
+            reference._row_sums(buffered, 1.0 / (alpha - 1.0)), top.double(), top.double() - 1.0,
             alpha,
         )
     out, support, lse = _gathered(
@@ -225,18 +143,8 @@ def sparse_step(
     overflow = cand_count > capacity
     if bool(overflow.any()):  # rare: supports wider than the buffer; exact by Newton passes
         solved = _overflow_rows(
-            x,
-            keys,
-            sq_norms,
-            values,
-            active & overflow.to(active.dtype),
-            tau,
-            top,
-            beta=beta,
-            alpha=alpha,
-            similarity_code=similarity_code,
-            splits=splits,
-            config=config,
+            x, keys, sq_norms, values, active & overflow.to(active.dtype), tau, top, beta=beta,
+            alpha=alpha, similarity_code=similarity_code, splits=splits, config=config,
         )
         out = torch.where(overflow[:, None], solved[0], out)
         if want_info:
@@ -253,19 +161,8 @@ def _gathered(cand_value, cand_index, cand_count, tau, values, alpha, capacity, 
     out = torch.empty(num_rows, value_dim, dtype=torch.float32, device=values.device)
     block_dv = min(config["BLOCK_DV"], triton.next_power_of_2(value_dim))
     _gather_kernel[(num_rows, triton.cdiv(value_dim, block_dv))](
-        cand_value,
-        cand_index,
-        cand_count,
-        tau32,
-        values,
-        out,
-        value_dim,
-        capacity,
-        q,
-        *strides(values),
-        Q_KIND=exponent_kind(q),
-        BLOCK_C=32,
-        BLOCK_DV=block_dv,
+        cand_value, cand_index, cand_count, tau32, values, out, value_dim, capacity, q,
+        *strides(values), Q_KIND=exponent_kind(q), BLOCK_C=32, BLOCK_DV=block_dv,
     )
     support = lse = None
     if want_info:
@@ -284,18 +181,7 @@ def _gathered(cand_value, cand_index, cand_count, tau, values, alpha, capacity, 
 
 
 def _overflow_rows(
-    x,
-    keys,
-    sq_norms,
-    values,
-    rows_to_solve,
-    tau,
-    top,
-    *,
-    beta,
-    alpha,
-    similarity_code,
-    splits,
+    x, keys, sq_norms, values, rows_to_solve, tau, top, *, beta, alpha, similarity_code, splits,
     config,
 ):
     """(out, support, lse) by Newton passes over the whole bank from the buffer's threshold (a
@@ -303,36 +189,17 @@ def _overflow_rows(
 
     def partial_sums(tau_now, top_now):
         _, sum_q, sum_q1 = threshold_stats(
-            x,
-            keys,
-            sq_norms,
-            rows_to_solve,
-            tau_now,
-            beta=beta,
-            similarity_code=similarity_code,
-            splits=splits,
-            config=config,
-            scale=alpha - 1.0,
-            alpha=alpha,
-            top=top_now,
+            x, keys, sq_norms, rows_to_solve, tau_now, beta=beta, similarity_code=similarity_code,
+            splits=splits, config=config, scale=alpha - 1.0, alpha=alpha, top=top_now,
         )
         return sum_q.double(), sum_q1.double()
 
     tau = reference._newton_threshold(
         partial_sums, top.double(), tau, alpha, eps=16 * torch.finfo(torch.float32).eps
     )
-    out, support, _, lse, _ = dense_pass(
-        x,
-        keys,
-        sq_norms,
-        values,
-        rows_to_solve,
-        beta=beta,
-        similarity_code=similarity_code,
-        separation_code=ENTMAX_WITH_TAU,
-        alpha=alpha,
-        tau=tau.float().contiguous(),
-        splits=splits,
+    out, support, _, lse = dense_pass(
+        x, keys, sq_norms, values, rows_to_solve, beta=beta, similarity_code=similarity_code,
+        separation_code=ENTMAX_WITH_TAU, alpha=alpha, tau=tau.float().contiguous(), splits=splits,
         config=config,
     )
     return out, support, lse

@@ -18,37 +18,11 @@ from ._common import exponent_kind, power, score_tile, split_size, strides, tune
 
 @triton.jit
 def _threshold_stats_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    active_ptr,
-    threshold_ptr,
-    top_ptr,
-    part_count_ptr,
-    part_sum_q_ptr,
-    part_sum_q1_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    rows_per_split,
-    num_splits,
-    beta,
-    scale,
-    q,
-    q_minus_1,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    SIM: tl.constexpr,
-    NEWTON: tl.constexpr,
-    Q_KIND: tl.constexpr,
-    Q1_KIND: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, active_ptr, threshold_ptr, top_ptr, part_count_ptr, part_sum_q_ptr,
+    part_sum_q1_ptr, num_rows, num_memories, dim, rows_per_split, num_splits, beta, scale, q,
+    q_minus_1, stride_xb, stride_xd, stride_km, stride_kd, SIM: tl.constexpr, NEWTON: tl.constexpr,
+    Q_KIND: tl.constexpr, Q1_KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_b, pid_s = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -68,25 +42,8 @@ def _threshold_stats_kernel(
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < stop
         z = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            beta,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
+            x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
+            stride_km, stride_kd, dim, beta, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         y = scale * z
         count += tl.sum((y > threshold[:, None]).to(tl.int32), axis=1)
@@ -104,19 +61,8 @@ def _threshold_stats_kernel(
 
 
 def threshold_stats(
-    x,
-    keys,
-    sq_norms,
-    active,
-    threshold,
-    *,
-    beta,
-    similarity_code,
-    splits,
-    config,
-    scale=1.0,
-    alpha=None,
-    top=None,
+    x, keys, sq_norms, active, threshold, *, beta, similarity_code, splits, config, scale=1.0,
+    alpha=None, top=None,
 ):
     """(count, sum_q, sum_q1) per row; the sums only when ``alpha`` (and ``top``) are given."""
     num_rows, dim = x.shape
@@ -134,30 +80,11 @@ def threshold_stats(
         _threshold_stats_kernel, {k: v for k, v in config.items() if k != "BLOCK_DV"}
     )
     kernel[grid](
-        x,
-        keys,
-        sq_norms if sq_norms is not None else part_sum_q,
-        active,
-        threshold.float().contiguous(),
-        top.float().contiguous() if newton else threshold,
-        part_count,
-        part_sum_q,
-        part_sum_q1,
-        num_rows,
-        num_memories,
-        dim,
-        rows_per_split,
-        splits,
-        float(beta),
-        float(scale),
-        q,
-        q - 1,
-        *strides(x),
-        *strides(keys),
-        SIM=similarity_code,
-        NEWTON=newton,
-        Q_KIND=exponent_kind(q),
-        Q1_KIND=3 if q == 1.0 else exponent_kind(q - 1.0),
+        x, keys, sq_norms if sq_norms is not None else part_sum_q, active,
+        threshold.float().contiguous(), top.float().contiguous() if newton else threshold,
+        part_count, part_sum_q, part_sum_q1, num_rows, num_memories, dim, rows_per_split, splits,
+        float(beta), float(scale), q, q - 1, *strides(x), *strides(keys), SIM=similarity_code,
+        NEWTON=newton, Q_KIND=exponent_kind(q), Q1_KIND=3 if q == 1.0 else exponent_kind(q - 1.0),
         **options,
     )
     return part_count.sum(dim=1).long(), part_sum_q.sum(dim=1), part_sum_q1.sum(dim=1)
