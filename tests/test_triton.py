@@ -278,3 +278,58 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
     failed = [r for r in results if not r["ok"]]
     assert len(results) >= 40 and not failed, failed or done.stderr[-2000:]
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[2] in (1.5, 1.25)], ids=combo_id)
+def test_degenerate_shapes(gen, combo):
+    """One memory, one feature, one value column, one query."""
+    for num_queries, num_memories, dim, value_dim in [(1, 1, 1, 1), (3, 1, 5, 2), (1, 7, 1, 1)]:
+        queries = torch.randn(num_queries, dim, generator=gen)
+        memories = torch.randn(num_memories, dim, generator=gen)
+        values = torch.randn(num_memories, value_dim, generator=gen)
+        out, info = _triton(queries, memories, values, return_info=True, **_kwargs(combo))
+        _check(out, info, queries, memories, values, **_kwargs(combo))
+
+
+def test_polynomial_rows_with_no_positive_score_are_zero(gen):
+    memories = torch.rand(40, 6, generator=gen) + 0.1
+    queries = torch.stack([-torch.rand(6, generator=gen), memories[3]])
+    out, info = _triton(
+        queries,
+        memories,
+        separation="polynomial",
+        degree=3,
+        return_info=True,
+        num_splits_override=3,
+    )
+    assert torch.equal(out[0], torch.zeros(6))
+    assert info.support.tolist() == [0, 40] and info.lse[0] == -math.inf
+    assert (
+        rel_err(
+            out[1],
+            reference.naive_retrieve(queries, memories, separation="polynomial", degree=3)[1],
+        )
+        < 1e-5
+    )
+
+
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax", "polynomial"])
+def test_argmax_ties_take_the_first_memory_across_splits(separation):
+    memories = torch.randn(700, 4, generator=torch.Generator().manual_seed(1))
+    memories[2] *= 10
+    memories[650] = memories[2]  # the same top score in another split
+    _, info = _triton(
+        memories[2:3], memories, separation=separation, return_info=True, num_splits_override=3
+    )
+    assert info.argmax.item() == 2
+
+
+def test_large_beta_is_the_nearest_memory(gen):
+    memories = torch.randn(300, 8, generator=gen)
+    queries = memories[:5] + 0.01 * torch.randn(5, 8, generator=gen)
+    for separation in ("softmax", "sparsemax", "entmax"):
+        out, info = _triton(
+            queries, memories, beta=1e4, similarity="l2", separation=separation, return_info=True
+        )
+        assert torch.equal(info.argmax, torch.arange(5))
+        assert rel_err(out, memories[:5]) < 1e-6
