@@ -30,19 +30,24 @@ def temporary_backend():
     assert hen_fast.registered_backends() == BUILT_IN
 
 
-BUILT_IN = ("torch", "triton")
+BUILT_IN = ("torch", "cpu", "triton")
+
+
+def _auto_on_cpu():
+    """What auto may pick for CPU tensors: the C++ kernel when it is built, then torch (triton
+    runs on a CPU only interpreted, by name)."""
+    return ("cpu", "torch") if hen_fast.backends.cpu.load_extension() else ("torch",)
 
 
 def test_built_in_backends():
     assert hen_fast.registered_backends() == BUILT_IN
-    # On this CPU only torch may be picked automatically (triton runs here only interpreted).
-    assert hen_fast.available_backends("cpu") == ("torch",)
+    assert hen_fast.available_backends("cpu") == _auto_on_cpu()
 
 
 def test_auto_takes_the_highest_priority_available_backend(temporary_backend):
     calls = temporary_backend("test-fast", priority=50)
     temporary_backend("test-slow", priority=-1)
-    assert hen_fast.available_backends("cpu") == ("test-fast", "torch", "test-slow")
+    assert hen_fast.available_backends("cpu") == ("test-fast", *_auto_on_cpu(), "test-slow")
     retrieve(Q, K)
     assert calls == ["test-fast"]
     retrieve(Q, K, backend="test-slow")
@@ -56,7 +61,7 @@ def test_unavailable_backend_says_how_to_get_it(temporary_backend):
     with pytest.raises(BackendUnavailableError, match="not available here. Build it with `make x`"):
         retrieve(Q, K, backend="test-missing")
     assert issubclass(BackendUnavailableError, ValueError)
-    assert hen_fast.available_backends("cpu") == ("torch",)  # auto skips it despite its priority
+    assert hen_fast.available_backends("cpu") == _auto_on_cpu()  # skipped despite its priority
     retrieve(Q, K)
     assert calls == []
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from helpers import BETA, COMBINATIONS, combo_id, randint
 
 from hen_fast import reference, retrieve
+
+from helpers import BETA, COMBINATIONS, combo_id, randint
 
 
 def _problem(gen):

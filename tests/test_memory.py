@@ -1,9 +1,10 @@
 """The streamed path's extra memory is O(B * (d + chunk)): flat when the bank grows 10x."""
 
 import pytest
-from helpers import COMBINATIONS, combo_id
 
 from hen_fast.profiling import peak_extra_bytes
+
+from helpers import COMBINATIONS, combo_id
 
 MiB = 1 << 20
 SETUP = """

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from helpers import BETA, COMBINATIONS, combo_id, randint, random_problem, rel_err
 
 import hen_fast
 from hen_fast import reference
+
+from helpers import BETA, COMBINATIONS, combo_id, randint, random_problem, rel_err
 
 
 def _kwargs(combo):

@@ -3,9 +3,10 @@
 import entmax
 import pytest
 import torch
-from helpers import randint, random_problem, rel_err
 
 from hen_fast import reference
+
+from helpers import randint, random_problem, rel_err
 
 
 def _weights(queries, memories, chunk_size=None, candidates=reference.DEFAULT_CANDIDATES, **kwargs):

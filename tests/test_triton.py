@@ -8,10 +8,20 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import BETA, COMBINATIONS, combo_id, randint, random_problem, rel_err  # noqa: E402
-
 import hen_fast  # noqa: E402
 from hen_fast import reference  # noqa: E402
+
+from helpers import (  # noqa: E402
+    BETA,
+    COMBINATIONS,
+    combo_id,
+    randint,
+    random_problem,
+    rel_err,
+)
+from helpers import (
+    check_against_reference as _check,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -38,31 +48,6 @@ def _triton(*args, **kwargs):
 def _kwargs(combo):
     similarity, separation, alpha = combo
     return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
-
-
-def _check(out, info, queries, memories, values, **kwargs):
-    """Accuracy rule: at most twice the float32 reference's error against float64 (plus a floor
-    for a lucky reference), and far under 1e-4 for one update; the info equals the float64
-    computation's. Iterating can amplify rounding (the reference's own error then grows too), so
-    over several steps only the relative rule applies, its floor growing with the steps."""
-    expected, expected_info = reference.naive_retrieve(
-        queries, memories, values, return_info=True, **kwargs
-    )
-    ours, ours_info = reference.retrieve(queries, memories, values, return_info=True, **kwargs)
-    ours_error = rel_err(ours, expected)
-    error = rel_err(out, expected)
-    steps = kwargs.get("steps", 1)
-    assert error <= 2 * ours_error + 2e-6 * steps, (error, ours_error)
-    assert steps > 1 or error < 1e-5, error
-    if info is not None:
-        assert torch.equal(info.steps.cpu(), expected_info.steps)
-        assert torch.equal(info.argmax.cpu(), expected_info.argmax)
-        assert torch.equal(info.support.cpu(), expected_info.support)
-        finite = torch.isfinite(expected_info.lse)
-        assert torch.equal(torch.isfinite(info.lse.cpu()), finite)
-        lse_error = rel_err(info.lse.cpu()[finite], expected_info.lse[finite], floor=1.0)
-        ours_lse_error = rel_err(ours_info.lse[finite], expected_info.lse[finite], floor=1.0)
-        assert lse_error <= 2 * ours_lse_error + 2e-6 * steps, (lse_error, ours_lse_error)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -195,18 +180,18 @@ def test_large_banks_on_gpu(dtype, separation):
 
 
 def test_bank_norms_are_computed_once_and_refreshed_after_in_place_changes(monkeypatch):
-    from hen_fast.backends.triton import _common
+    from hen_fast.backends import norms
 
     bank = torch.randn(50, 6)
-    first = _common.cached_sq_norms(bank)
-    assert _common.cached_sq_norms(bank) is first
+    first = norms.cached_sq_norms(bank)
+    assert norms.cached_sq_norms(bank) is first
     assert torch.allclose(first, (bank.double() ** 2).sum(1).float())
     bank[3] *= 2  # in place: the version counter moves
-    refreshed = _common.cached_sq_norms(bank)
+    refreshed = norms.cached_sq_norms(bank)
     assert refreshed is not first and torch.allclose(refreshed, (bank**2).sum(1))
     key = id(bank)
     del bank
-    assert key not in _common._NORMS_CACHE
+    assert key not in norms._NORMS_CACHE
 
 
 def test_gpu_benchmark_script_smoke(tmp_path):

@@ -111,8 +111,10 @@ def _register_builtin() -> None:
             hint="It is pure PyTorch and always available.",
         )
     )
+    from .cpu import BACKEND as cpu_backend
     from .triton import BACKEND as triton_backend
 
+    register_backend(cpu_backend)
     register_backend(triton_backend)
 
 

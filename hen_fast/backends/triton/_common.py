@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from ..norms import cached_sq_norms  # noqa: F401  (re-exported for the launcher)
 
 SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
 # Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
@@ -52,21 +53,6 @@ def dot_settings(*tensors: torch.Tensor) -> tuple[bool, str]:
     dtypes = {t.dtype for t in tensors}
     to_f32 = interpreting() or len(dtypes) > 1 or torch.float32 in dtypes
     return to_f32, "ieee"
-
-
-_NORMS_CACHE: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def cached_sq_norms(keys: torch.Tensor) -> torch.Tensor:
-    """float32 ``||k||^2`` of a bank, computed once per bank: kept while the bank tensor lives and
-    recomputed when it is modified in place (its version counter moves)."""
-    entry = _NORMS_CACHE.get(id(keys))
-    if entry is not None and entry[0]() is keys and entry[1] == keys._version:
-        return entry[2]
-    norms = keys.float().pow(2).sum(dim=1)
-    _NORMS_CACHE[id(keys)] = (weakref.ref(keys), keys._version, norms)
-    weakref.finalize(keys, _NORMS_CACHE.pop, id(keys), None)
-    return norms
 
 
 # What the autotuner chooses on a GPU; the interpreter runs the first config untuned.

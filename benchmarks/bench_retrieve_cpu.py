@@ -1,12 +1,14 @@
-"""The torch backend (dense and streamed) beside plain PyTorch at B=64, M=100k, d=256 on the CPU.
+"""CPU retrieval at B=64, M=100k, d=256 float32: the fused C++ kernel (backend "cpu") and the torch
+backend (dense and streamed) beside the plain-PyTorch and entmax-package baselines, in one run.
 
     pip install --no-build-isolation -e ".[bench]"
-    python -m pytest benchmarks/bench_retrieve_torch.py \
-        --benchmark-json=benchmarks/results/cpu-torch-$(date +%F).json
+    python -m pytest benchmarks/bench_retrieve_cpu.py \
+        --benchmark-json=benchmarks/results/cpu-$(date +%F).json
 
 Each case records its time (pytest-benchmark) and its peak extra resident memory (measured in a
 fresh process by hen_fast.profiling, inputs excluded) in ``extra_info``; the summary printed at
-the end gives both as ratios to the plain-PyTorch baseline of the same separation.
+the end gives both as ratios to the first case of each group (the baseline). A second benchmark
+sweeps B x M for dot/softmax, the C++ kernel beside plain PyTorch.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ BETA = D**-0.5
 STREAM_CHUNK = reference.CHUNK_SCORES // B  # what the torch backend streams in by default
 
 SETUP = f"""
-import torch, entmax
+import torch, entmax, hen_fast
 from hen_fast import reference
 generator = torch.Generator().manual_seed(0)
 queries = torch.randn({B}, {D}, generator=generator)
@@ -44,16 +46,36 @@ def _materialised(separation: str) -> str:
     return f"{separation}({BETA} * queries @ memories.T, -1) @ memories"
 
 
-# name -> (group, expression timed; it sees queries, memories, torch, entmax and reference)
+def _cpu(similarity="dot", **options) -> str:
+    keywords = "".join(f", {key}={value!r}" for key, value in options.items())
+    return (
+        f"hen_fast.retrieve(queries, memories, beta={BETA}, similarity={similarity!r}"
+        f"{keywords}, backend='cpu')"
+    )
+
+
+# name -> (group, expression timed; it sees queries, memories, torch, entmax, reference, hen_fast)
 CASES = {
     "softmax/plain torch": ("softmax", _materialised("torch.softmax")),
-    "softmax/dense": ("softmax", _ours(M)),
-    "softmax/streamed": ("softmax", _ours(STREAM_CHUNK)),
+    "softmax/cpu kernel": ("softmax", _cpu()),
+    "softmax/torch dense": ("softmax", _ours(M)),
+    "softmax/torch streamed": ("softmax", _ours(STREAM_CHUNK)),
+    "l2/plain torch cdist": (
+        "l2",
+        f"torch.softmax(-{BETA} * torch.cdist(queries, memories) ** 2, -1) @ memories",
+    ),
+    "l2/cpu kernel": ("l2", _cpu("l2")),
+    "manhattan/plain torch cdist": (
+        "manhattan",
+        f"torch.softmax(-{BETA} * torch.cdist(queries, memories, p=1), -1) @ memories",
+    ),
+    "manhattan/cpu kernel": ("manhattan", _cpu("manhattan")),
     "sparsemax/entmax package": ("sparsemax", _materialised("entmax.sparsemax")),
-    "sparsemax/dense": ("sparsemax", _ours(M, separation="sparsemax")),
-    "sparsemax/streamed": ("sparsemax", _ours(STREAM_CHUNK, separation="sparsemax")),
+    "sparsemax/cpu kernel": ("sparsemax", _cpu(separation="sparsemax")),
+    "sparsemax/torch streamed": ("sparsemax", _ours(STREAM_CHUNK, separation="sparsemax")),
     "entmax15/entmax package": ("entmax15", _materialised("entmax.entmax15")),
-    "entmax15/streamed": ("entmax15", _ours(STREAM_CHUNK, separation="entmax", alpha=1.5)),
+    "entmax15/cpu kernel": ("entmax15", _cpu(separation="entmax", alpha=1.5)),
+    "entmax15/torch streamed": ("entmax15", _ours(STREAM_CHUNK, separation="entmax", alpha=1.5)),
 }
 _times: dict[str, float] = {}
 _peaks: dict[str, int] = {}
@@ -67,9 +89,9 @@ def peaks():
 
 @pytest.fixture(scope="module")
 def inputs():
-    namespace = {"torch": torch, "reference": reference}
+    namespace = {"torch": torch, "reference": reference, "hen_fast": hen_fast}
     namespace["entmax"] = pytest.importorskip("entmax")
-    exec(SETUP.replace("import torch, entmax", ""), namespace)
+    exec(SETUP.replace("import torch, entmax, hen_fast", ""), namespace)
     return namespace
 
 
@@ -110,3 +132,24 @@ def teardown_module():
                 f"  {name:26s} {1e3 * _times[name]:8.1f} {_times[name] / _times[base]:6.2f} "
                 f"{_peaks[name] / 2**20:9.1f} {_peaks[name] / _peaks[base]:7.2f}"
             )
+
+
+@pytest.mark.parametrize("num_memories", [10_000, 100_000])
+@pytest.mark.parametrize("num_queries", [1, 16, 256])
+@pytest.mark.parametrize("who", ["plain torch", "cpu kernel"])
+def test_sweep_dot_softmax(benchmark, who, num_queries, num_memories):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(num_queries, D, generator=generator)
+    memories = torch.randn(num_memories, D, generator=generator)
+    if who == "plain torch":
+
+        def run():
+            return torch.softmax(BETA * queries @ memories.T, -1) @ memories
+    else:
+
+        def run():
+            return hen_fast.retrieve(queries, memories, beta=BETA, backend="cpu")
+
+    benchmark.group = f"sweep B={num_queries} M={num_memories}"
+    benchmark.extra_info.update(B=num_queries, M=num_memories, d=D, who=who)
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)

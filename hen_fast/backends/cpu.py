@@ -1,0 +1,96 @@
+"""The ``cpu`` backend: the fused C++ kernel (csrc/cpu, the op hen_fast::retrieve_step).
+
+The extension is loaded on first use, never at import; when it is missing, ``auto`` falls back to
+the torch backend and a warning says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
+
+import torch
+
+from . import Backend, BackendUnavailableError, Request
+
+HINT = ("Build it by installing from source with a C++ compiler: "
+        "pip install --no-build-isolation -e . (HEN_FAST_BUILD_EXT must not be 0).")
+SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
+SEP_CODES = {"softmax": 0, "polynomial": 1, "sparsemax": 2, "entmax": 2}
+# Candidate scores kept per query and bank split for the sparse thresholds: a few thousand, so
+# that supports of hundreds of memories (small beta) still settle in one pass, with the whole
+# buffer bounded to 2^21 entries (24 MB).
+def default_capacity(num_queries: int) -> int:
+    return max(256, min(8192, (1 << 21) // max(1, num_queries)))
+
+
+@functools.cache
+def load_extension() -> bool:
+    """Loads hen_fast._C (a torch.library extension: loading registers the ops); False, with one
+    warning, if it cannot."""
+    try:
+        spec = importlib.util.find_spec("hen_fast._C")
+        if spec is None or spec.origin is None:
+            raise ImportError("hen_fast._C was not built")
+        torch.ops.load_library(spec.origin)
+    except (ImportError, OSError, RuntimeError) as error:
+        warnings.warn(f"hen_fast's compiled CPU kernels are not available ({error}); the torch "
+                      f"backend computes instead. {HINT}", RuntimeWarning, stacklevel=3)
+        return False
+    _register_fake()
+    return True
+
+
+def _register_fake():
+    """Shapes without computing, for torch.compile and meta tensors."""
+
+    @torch.library.register_fake("hen_fast::retrieve_step")
+    def _(x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, capacity,
+          want_info):
+        rows = x.shape[0]
+        return (x.new_empty(rows, values.shape[1]), x.new_empty(rows, dtype=torch.long),
+                x.new_empty(rows, dtype=torch.long), x.new_empty(rows))
+
+
+def check(request: Request) -> str | None:
+    if request.device.type != "cpu":
+        return f"it computes on CPU tensors, got {request.device}"
+    if torch.float64 in request.dtypes:
+        return "it computes float16, bfloat16 and float32 inputs, not float64"
+    if request.needs_grad:
+        return "it has no backward pass yet; the torch backend differentiates"
+    return None
+
+
+def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
+             separation="softmax", alpha=1.5, degree=10, steps=1, tol=None, clamp_mask=None,
+             return_info=False, capacity=None, sq_norms=None):
+    """Same contract as :func:`hen_fast.reference.retrieve`; ``capacity`` is the sparse candidate
+    buffer per query and split."""
+    from ..reference import iterate, separation_alpha
+    from .norms import cached_sq_norms
+
+    if not load_extension():
+        raise BackendUnavailableError(f"backend 'cpu' is not available here. {HINT}")
+    values = memories if values is None else values
+    capacity = capacity or default_capacity(queries.shape[0])
+    if similarity == "l2" and sq_norms is None:
+        sq_norms = cached_sq_norms(memories)
+    sparse_alpha = separation_alpha(separation, alpha) if separation != "polynomial" else 2.0
+    op = torch.ops.hen_fast.retrieve_step
+
+    def one_step(rows):
+        out, support, argmax, lse = op(
+            rows.contiguous(), memories, sq_norms, values, float(beta), SIM_CODES[similarity],
+            SEP_CODES[separation], sparse_alpha, float(degree), capacity, return_info)
+        if similarity == "l2":  # the kernel scores 2 x.k - ||k||^2: shift back to -||x - k||^2
+            lse = lse - beta * (rows * rows).sum(dim=1)
+        return out, support, argmax, lse
+
+    return iterate(one_step, queries, torch.float32, steps=steps, tol=tol, clamp_mask=clamp_mask,
+                   return_info=return_info)
+
+
+BACKEND = Backend(name="cpu", retrieve=retrieve, priority=10, is_available=load_extension,
+                  check=check, hint=HINT)
