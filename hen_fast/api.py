@@ -137,7 +137,7 @@ def retrieve(
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
     if check_finite:
         for name, tensor in (("queries", queries), ("memories", memories), ("values", values)):
-            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            if tensor is not None and not _all_finite(tensor):
                 raise ValueError(
                     f"{name} contains NaN or Inf; clean the input or pass "
                     "check_finite=False to skip this check"
@@ -180,6 +180,13 @@ def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
         shapes = " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}")
     return tensor.dim() == 1
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    """No NaN or Inf, in one read and O(1) memory: the min and max are finite exactly then (both
+    are NaN if any entry is). torch.isfinite would allocate temporaries the size of the bank."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _check_devices(**tensors) -> None:

@@ -15,7 +15,21 @@ SOURCES = sorted((Path(__file__).parents[1] / "csrc" / "cuda").glob("*.cu"))
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
 def test_compiles_for_hopper(source, tmp_path):
     done = subprocess.run(
-        ["nvcc", "-c", str(source), "-o", str(tmp_path / "out.o"), "-std=c++17", "-O3",
-         "-gencode", "arch=compute_90,code=sm_90", "-Xcompiler", "-Wall"],
-        capture_output=True, text=True, timeout=600)
+        [
+            "nvcc",
+            "-c",
+            str(source),
+            "-o",
+            str(tmp_path / "out.o"),
+            "-std=c++17",
+            "-O3",
+            "-gencode",
+            "arch=compute_90,code=sm_90",
+            "-Xcompiler",
+            "-Wall",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
