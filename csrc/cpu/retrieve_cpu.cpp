@@ -104,6 +104,20 @@ void score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1
   }
 }
 
+// Runs fn(z, t0, t1) on the finished scores of each tile [t0, t1) of memories [m0, m1) for
+// queries [r0, r1); one (rows x kTile) buffer serves every tile.
+template <typename Fn>
+void for_each_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
+                   const Fn& fn) {
+  auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
+  for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
+    const int64_t t1 = std::min(t0 + kTile, m1);
+    auto z = scores.narrow(1, 0, t1 - t0);
+    score_tile(p, r0, r1, t0, t1, z);
+    fn(z, t0, t1);
+  }
+}
+
 // The splits of the bank, so that (query blocks x splits) gives every thread work.
 int64_t split_count(int64_t query_blocks, int64_t num_memories) {
   const int64_t threads = at::get_num_threads();
@@ -178,17 +192,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smooth_step(const Pro
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
-    auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
     auto running_max = part.max.select(1, split).slice(0, r0, r1);
     auto running_sum = part.sum.select(1, split).slice(0, r0, r1);
     auto acc = part.acc.select(1, split).slice(0, r0, r1);
     auto count = part.count.select(1, split).slice(0, r0, r1);
     auto best = part.best.select(1, split).slice(0, r0, r1);
     auto index = part.index.select(1, split).slice(0, r0, r1);
-    for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, m1);
-      auto z = scores.narrow(1, 0, t1 - t0);
-      score_tile(p, r0, r1, t0, t1, z);
+    for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
       track_argmax(z, t0, best, index);
       at::Tensor new_max, rescale;
       if (softmax) {
@@ -207,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smooth_step(const Pro
       acc.mul_(rescale.unsqueeze(1));
       acc.addmm_(z, p.values.slice(0, t0, t1).to(at::kFloat));
       running_max.copy_(new_max);
-    }
+    });
   });
   auto [top, argmax] = merge_argmax(part.best, part.index);
   auto row_max = std::get<0>(part.max.max(1, /*keepdim=*/true));
@@ -238,14 +248,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smooth_step(const Pro
     auto counts = at::zeros({rows, again.splits}, at::kLong);
     for_each_task(again, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1,
                                                  int64_t m0, int64_t m1) {
-      auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
-      for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
-        const int64_t t1 = std::min(t0 + kTile, m1);
-        auto z = scores.narrow(1, 0, t1 - t0);
-        score_tile(p, r0, r1, t0, t1, z);
+      for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
         counts.select(1, task % again.splits).slice(0, r0, r1)
             .add_((z > threshold.slice(0, r0, r1)).sum(1));
-      }
+      });
     });
     support = counts.sum(1);
   }
@@ -315,17 +321,13 @@ void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor 
     for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                  int64_t m1) {
       const int64_t split = task % tasks.splits;
-      auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
-      for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
-        const int64_t t1 = std::min(t0 + kTile, m1);
-        auto z = scores.narrow(1, 0, t1 - t0);
-        score_tile(p, r0, r1, t0, t1, z);
+      for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
         auto ratio = ((z.to(at::kDouble) * (alpha - 1.0) - tau.slice(0, r0, r1).unsqueeze(1))
                           .clamp_min_(0.0) / span.slice(0, r0, r1));
         sum_q.select(1, split).slice(0, r0, r1).add_(ratio.pow(q).sum(1));
         auto inner = q == 1.0 ? (ratio > 0).to(at::kDouble) : ratio.pow(q - 1.0);
         sum_q1.select(1, split).slice(0, r0, r1).add_(inner.sum(1));
-      }
+      });
     });
     auto s_q = sum_q.sum(1), s_q1 = sum_q1.sum(1);
     auto norm = s_q.pow(1.0 / q);
@@ -340,11 +342,7 @@ void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor 
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
-    auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
-    for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, m1);
-      auto z = scores.narrow(1, 0, t1 - t0);
-      score_tile(p, r0, r1, t0, t1, z);
+    for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
       auto weights = (z * static_cast<float>(alpha - 1.0) -
                       tau_f.slice(0, r0, r1).unsqueeze(1)).clamp_min_(0.0);
       if (q != 1.0) weights.pow_(q);
@@ -354,7 +352,7 @@ void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor 
       part.count.select(1, split).slice(0, r0, r1).add_((weights > 0).sum(1));
       part.pz.select(1, split).slice(0, r0, r1).add_((weights * z).sum(1));
       part.pa.select(1, split).slice(0, r0, r1).add_(weights.pow(alpha).sum(1));
-    }
+    });
   });
   auto total = part.sum.sum(1);
   out.index_copy_(0, which, part.acc.sum(1) / total.unsqueeze(1));
@@ -377,13 +375,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_step(const Pro
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
-    auto scores = at::empty({r1 - r0, kTile}, at::kFloat);
     auto best = part.best.select(1, split).slice(0, r0, r1);
     auto index = part.index.select(1, split).slice(0, r0, r1);
-    for (int64_t t0 = m0; t0 < m1; t0 += kTile) {
-      const int64_t t1 = std::min(t0 + kTile, m1);
-      auto z = scores.narrow(1, 0, t1 - t0);
-      score_tile(p, r0, r1, t0, t1, z);
+    for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
       track_argmax(z, t0, best, index);  // best stays the running max of z
       const float* zs = z.data_ptr<float>();
       const float* running = best.data_ptr<float>();  // a column of part.best: strided
@@ -400,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_step(const Pro
           }
         }
       }
-    }
+    });
   });
   auto [top, argmax] = merge_argmax(part.best, part.index);
   auto out = at::zeros({rows, dv}, at::kFloat);

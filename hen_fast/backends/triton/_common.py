@@ -93,6 +93,19 @@ def strides(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 @triton.jit
+def block_and_split(active_ptr, num_rows, num_memories, rows_per_split, BLOCK_B: tl.constexpr):
+    """This program's query rows (and their mask) and its bank range [start, stop). Converged
+    queries are skipped: a block whose rows are all inactive gets an empty range."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_mask = rows < num_rows
+    active = tl.load(active_ptr + rows, mask=row_mask, other=0)
+    start = tl.program_id(1) * rows_per_split
+    stop = tl.minimum(start + rows_per_split, num_memories)
+    stop = tl.where(tl.max(active, axis=0) > 0, stop, start)
+    return rows, row_mask, start, stop
+
+
+@triton.jit
 def score_tile(
     x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd, stride_km,
     stride_kd, dim, beta, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    block_and_split,
     exponent_kind,
     finish_scores,
     interpreting,
@@ -50,14 +51,9 @@ def _dense_pass_kernel(
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_b, pid_s, pid_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = rows < num_rows
-    # Converged queries are skipped: a block whose rows are all inactive streams nothing.
-    active = tl.load(active_ptr + rows, mask=row_mask, other=0)
-    start = pid_s * rows_per_split
-    stop = tl.minimum(start + rows_per_split, num_memories)
-    stop = tl.where(tl.max(active, axis=0) > 0, stop, start)
+    pid_s, pid_v = tl.program_id(1), tl.program_id(2)
+    rows, row_mask, start, stop = block_and_split(active_ptr, num_rows, num_memories,
+                                                  rows_per_split, BLOCK_B)
     cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_mask = cols < value_dim
 

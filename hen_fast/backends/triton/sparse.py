@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ... import reference
-from ._common import exponent_kind, power, score_tile, split_size, strides, untuned
+from ._common import block_and_split, exponent_kind, power, score_tile, split_size, strides, untuned
 from .dense import ENTMAX_WITH_TAU, dense_pass, first_argmax
 from .stats import threshold_stats
 
@@ -37,13 +37,9 @@ def _candidates_kernel(
     BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid_b, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = rows < num_rows
-    active = tl.load(active_ptr + rows, mask=row_mask, other=0)
-    start = pid_s * rows_per_split
-    stop = tl.minimum(start + rows_per_split, num_memories)
-    stop = tl.where(tl.max(active, axis=0) > 0, stop, start)
+    pid_s = tl.program_id(1)
+    rows, row_mask, start, stop = block_and_split(active_ptr, num_rows, num_memories,
+                                                  rows_per_split, BLOCK_B)
     best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     best_index = tl.zeros((BLOCK_B,), tl.int32)
     for m0 in range(start, stop, BLOCK_M):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import exponent_kind, power, score_tile, split_size, strides, tuned
+from ._common import block_and_split, exponent_kind, power, score_tile, split_size, strides, tuned
 
 
 @triton.jit
@@ -24,13 +24,9 @@ def _threshold_stats_kernel(
     Q_KIND: tl.constexpr, Q1_KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_b, pid_s = tl.program_id(0), tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_mask = rows < num_rows
-    active = tl.load(active_ptr + rows, mask=row_mask, other=0)
-    start = pid_s * rows_per_split
-    stop = tl.minimum(start + rows_per_split, num_memories)
-    stop = tl.where(tl.max(active, axis=0) > 0, stop, start)
+    pid_s = tl.program_id(1)
+    rows, row_mask, start, stop = block_and_split(active_ptr, num_rows, num_memories,
+                                                  rows_per_split, BLOCK_B)
     threshold = tl.load(threshold_ptr + rows, mask=row_mask, other=0.0)
     if NEWTON:
         span = tl.load(top_ptr + rows, mask=row_mask, other=1.0) - threshold
