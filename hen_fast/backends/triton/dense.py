@@ -120,7 +120,7 @@ def _dense_pass_kernel(
             weights = power(excess, q, Q_KIND)
             running_sum += tl.sum(weights, axis=1)
             count += tl.sum((weights > 0).to(tl.int32), axis=1)
-            pz += tl.sum(tl.where(weights > 0, weights * z, 0.0), axis=1)
+            pz += tl.sum(weights * tl.where(weights > 0, z, 0.0), axis=1)  # z is -inf past M
             pa += tl.sum(power(weights, alpha, 0), axis=1)
         if DOT_F32:
             acc = tl.dot(weights, values.to(tl.float32), acc, input_precision="ieee")
