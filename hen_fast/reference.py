@@ -65,12 +65,6 @@ def default_chunk_size(num_queries: int, num_memories: int) -> int:
     return max(MIN_CHUNK, CHUNK_SCORES // num_queries)
 
 
-def key_sq_norms(keys: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """``||k||^2`` per memory, in float32 (or ``dtype``): what ``l2`` needs beside the bank."""
-    keys = keys.to(dtype or accumulation_dtype(keys))
-    return (keys * keys).sum(dim=1)
-
-
 def similarity_scores(
     queries: Tensor, keys: Tensor, similarity: str, sq_norms: Tensor | None = None
 ) -> Tensor:

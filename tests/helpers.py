@@ -19,6 +19,12 @@ COMBINATIONS = [
 BETA = {"dot": 0.7, "l2": 0.25, "manhattan": 0.3}
 
 
+def combo_kwargs(combo) -> dict:
+    """retrieve's keyword arguments for a (similarity, separation, alpha) combination."""
+    similarity, separation, alpha = combo
+    return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
+
+
 def combo_id(combo) -> str:
     similarity, separation, alpha = combo
     return f"{similarity}-{separation}" + (f"{alpha}" if separation == "entmax" else "")

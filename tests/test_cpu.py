@@ -11,10 +11,10 @@ from hen_fast import reference
 from hen_fast.backends import cpu
 
 from helpers import (
-    BETA,
     COMBINATIONS,
     check_against_reference,
     combo_id,
+    combo_kwargs,
     randint,
     random_problem,
     rel_err,
@@ -24,11 +24,6 @@ if not cpu.load_extension():
     if os.environ.get("HEN_FAST_REQUIRE_EXT") == "1":
         raise RuntimeError("HEN_FAST_REQUIRE_EXT=1 but hen_fast._C did not load")
     pytest.skip("the C++ extension is not built", allow_module_level=True)
-
-
-def _kwargs(combo):
-    similarity, separation, alpha = combo
-    return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
 
 
 def test_auto_picks_the_cpu_kernel():
@@ -43,10 +38,18 @@ def test_matches_reference(gen, combo, steps):
     )
     values = None if steps > 1 else values
     out, info = hen_fast.retrieve(
-        queries, memories, values, steps=steps, backend="cpu", return_info=True, **_kwargs(combo)
+        queries,
+        memories,
+        values,
+        steps=steps,
+        backend="cpu",
+        return_info=True,
+        **combo_kwargs(combo),
     )
     assert out.dtype == torch.float32
-    check_against_reference(out, info, queries, memories, values, steps=steps, **_kwargs(combo))
+    check_against_reference(
+        out, info, queries, memories, values, steps=steps, **combo_kwargs(combo)
+    )
 
 
 @pytest.mark.parametrize(
@@ -67,7 +70,7 @@ def test_sparse_overflow_falls_back_exactly(gen, separation, alpha, capacity):
 def test_steps_tol_and_clamp(gen, combo):
     queries, memories, _ = random_problem(gen, dtype=torch.float32, same_dims=True)
     mask = torch.rand(queries.shape[1], generator=gen) < 0.3
-    kwargs = dict(_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
+    kwargs = dict(combo_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
     out, info = hen_fast.retrieve(queries, memories, backend="cpu", return_info=True, **kwargs)
     check_against_reference(out, info, queries, memories, None, **kwargs)
     assert torch.equal(out[:, mask], queries[:, mask])

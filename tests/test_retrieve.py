@@ -8,12 +8,7 @@ import torch
 import hen_fast
 from hen_fast import reference
 
-from helpers import BETA, COMBINATIONS, combo_id, randint, random_problem, rel_err
-
-
-def _kwargs(combo):
-    similarity, separation, alpha = combo
-    return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
+from helpers import COMBINATIONS, combo_id, combo_kwargs, randint, random_problem, rel_err
 
 
 def _assert_info_equal(info, expected, lse_tol):
@@ -32,7 +27,7 @@ def test_float64_matches_independent_computation(gen, combo, steps):
     queries, memories, values = random_problem(gen, same_dims=steps > 1)
     if steps > 1:
         values = None if randint(gen, 0, 1) else values
-    kwargs = _kwargs(combo)
+    kwargs = combo_kwargs(combo)
     out, info = hen_fast.retrieve(
         queries, memories, values, steps=steps, return_info=True, backend="torch", **kwargs
     )
@@ -48,7 +43,7 @@ def test_float64_matches_independent_computation(gen, combo, steps):
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
 def test_float32_error_far_under_1e4(gen, combo, steps):
     queries, memories, values = random_problem(gen, dtype=torch.float32, same_dims=steps > 1)
-    kwargs = _kwargs(combo)
+    kwargs = combo_kwargs(combo)
     out = hen_fast.retrieve(queries, memories, values, steps=steps, **kwargs)
     expected = reference.naive_retrieve(queries, memories, values, steps=steps, **kwargs)
     assert out.dtype == torch.float32
@@ -61,7 +56,7 @@ def test_float32_error_far_under_1e4(gen, combo, steps):
 def test_chunked_equals_dense(gen, combo):
     queries, memories, values = random_problem(gen, max_queries=6)
     num_memories = memories.shape[0]
-    kwargs = _kwargs(combo)
+    kwargs = combo_kwargs(combo)
     dense, dense_info = reference.retrieve(
         queries, memories, values, chunk_size=num_memories, return_info=True, **kwargs
     )
@@ -87,7 +82,7 @@ def test_chunked_equals_dense(gen, combo):
 def test_multistep_with_tol_clamp_and_chunks(gen, combo):
     queries, memories, _ = random_problem(gen, same_dims=True)
     mask = torch.rand(queries.shape[1], generator=gen) < 0.3
-    kwargs = dict(_kwargs(combo), steps=6, tol=1e-3, clamp_mask=mask)
+    kwargs = dict(combo_kwargs(combo), steps=6, tol=1e-3, clamp_mask=mask)
     out, info = reference.retrieve(
         queries,
         memories,

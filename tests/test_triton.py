@@ -12,9 +12,9 @@ import hen_fast  # noqa: E402
 from hen_fast import reference  # noqa: E402
 
 from helpers import (  # noqa: E402
-    BETA,
     COMBINATIONS,
     combo_id,
+    combo_kwargs,
     randint,
     random_problem,
     rel_err,
@@ -45,11 +45,6 @@ def _triton(*args, **kwargs):
     return retrieve(*args, **kwargs)
 
 
-def _kwargs(combo):
-    similarity, separation, alpha = combo
-    return dict(beta=BETA[similarity], similarity=similarity, separation=separation, alpha=alpha)
-
-
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
 def test_matches_reference(gen, combo, steps):
@@ -64,10 +59,10 @@ def test_matches_reference(gen, combo, steps):
         steps=steps,
         backend="triton",
         return_info=True,
-        **_kwargs(combo),
+        **combo_kwargs(combo),
     )
     assert out.dtype == torch.float32 and out.device.type == DEVICE
-    _check(out.cpu(), info, queries, memories, values, steps=steps, **_kwargs(combo))
+    _check(out.cpu(), info, queries, memories, values, steps=steps, **combo_kwargs(combo))
 
 
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
@@ -78,9 +73,14 @@ def test_forced_splits_and_row_blocks(gen, combo):
     )
     splits = randint(gen, 2, 7)
     out, info = _triton(
-        queries, memories, values, return_info=True, num_splits_override=splits, **_kwargs(combo)
+        queries,
+        memories,
+        values,
+        return_info=True,
+        num_splits_override=splits,
+        **combo_kwargs(combo),
     )
-    _check(out, info, queries, memories, values, **_kwargs(combo))
+    _check(out, info, queries, memories, values, **combo_kwargs(combo))
 
 
 @pytest.mark.parametrize(
@@ -111,7 +111,7 @@ def test_sparse_buffer_overflow_falls_back_exactly(gen, separation, alpha, capac
 def test_steps_tol_and_clamp_on_the_device(gen, combo):
     queries, memories, _ = random_problem(gen, dtype=torch.float32, same_dims=True)
     mask = torch.rand(queries.shape[1], generator=gen) < 0.3
-    kwargs = dict(_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
+    kwargs = dict(combo_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
     out, info = _triton(queries, memories, return_info=True, **kwargs)
     _check(out, info, queries, memories, None, **kwargs)
     assert torch.equal(out[:, mask], queries[:, mask])
@@ -272,8 +272,8 @@ def test_degenerate_shapes(gen, combo):
         queries = torch.randn(num_queries, dim, generator=gen)
         memories = torch.randn(num_memories, dim, generator=gen)
         values = torch.randn(num_memories, value_dim, generator=gen)
-        out, info = _triton(queries, memories, values, return_info=True, **_kwargs(combo))
-        _check(out, info, queries, memories, values, **_kwargs(combo))
+        out, info = _triton(queries, memories, values, return_info=True, **combo_kwargs(combo))
+        _check(out, info, queries, memories, values, **combo_kwargs(combo))
 
 
 def test_polynomial_rows_with_no_positive_score_are_zero(gen):
@@ -318,3 +318,20 @@ def test_large_beta_is_the_nearest_memory(gen):
         )
         assert torch.equal(info.argmax, torch.arange(5))
         assert rel_err(out, memories[:5]) < 1e-6
+
+
+def test_blocks_of_converged_queries_stream_nothing(gen):
+    """The device-side tol loop skips work: a query block whose rows are all inactive reads no
+    tile (a -inf threshold would otherwise count every memory), an active block reads all."""
+    from hen_fast.backends.triton.retrieve import launch_config
+    from hen_fast.backends.triton.stats import threshold_stats
+
+    queries, memories = torch.randn(40, 6, generator=gen), torch.randn(300, 6, generator=gen)
+    config = launch_config(6, 6, 40, "dot", queries, memories)
+    active = torch.zeros(40, dtype=torch.int32)
+    active[config["BLOCK_B"]] = 1  # one row of the second block only
+    count, _, _ = threshold_stats(queries, memories, None, active, torch.full((40,), -math.inf),
+                                  beta=1.0, similarity_code=0, splits=3, config=config)
+    block = config["BLOCK_B"]
+    assert count[:block].eq(0).all() and count[block:2 * block].eq(300).all()
+    assert count[2 * block:].eq(0).all()

@@ -79,7 +79,7 @@ def retrieve(
             capacity=capacity, want_info=return_info, **common,
         )
 
-    x0 = queries
+    held = queries.float()  # the values clamp_mask holds, converted once
     x = queries
     mask = None if clamp_mask is None else clamp_mask.to(device).broadcast_to(queries.shape)
     active = torch.ones(num_rows, dtype=torch.int32, device=device)
@@ -92,7 +92,7 @@ def retrieve(
         current = x.float()
         new, step_support, step_argmax, step_lse = one_step(x, active)
         if mask is not None:
-            new = torch.where(mask, x0.float(), new)
+            new = torch.where(mask, held, new)
         moving = active.bool()
         if return_info:
             if similarity == "l2":  # the kernels score 2 x.k - ||k||^2: shift back to -||x - k||^2
