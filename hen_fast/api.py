@@ -145,7 +145,15 @@ def retrieve(
 
     tensors = [t for t in (queries, memories, values) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    request = Request(queries.device, tuple(t.dtype for t in tensors), needs_grad)
+    request = Request(
+        queries.device,
+        tuple(t.dtype for t in tensors),
+        needs_grad,
+        num_queries=queries2d.shape[0],
+        num_memories=memories.shape[0],
+        similarity=similarity,
+        separation=separation,
+    )
     impl = select_backend(backend, request)
     out, info = impl.retrieve(
         queries2d,

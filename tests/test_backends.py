@@ -125,3 +125,28 @@ def test_import_needs_no_gpu_and_no_extension():
         "assert not [m for m in sys.modules if m.startswith(('triton', 'hen_fast._C'))]"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
+    """The measured rule in backends/cpu.py: the C++ kernel takes few queries, sparse
+    separations and manhattan; dense dot/l2 from DENSE_TORCH_FROM_QUERIES queries on go to torch.
+    Named, the kernel still computes them."""
+    from hen_fast.backends import Request, cpu, select_backend
+
+    if not cpu.load_extension():
+        pytest.skip("the C++ kernel is not built")
+    many = cpu.DENSE_TORCH_FROM_QUERIES
+
+    def chosen(num_queries, similarity, separation, name="auto"):
+        request = Request(
+            torch.device("cpu"), (torch.float32,), False, num_queries=num_queries,
+            num_memories=1000, similarity=similarity, separation=separation,
+        )
+        return select_backend(name, request).name
+
+    assert chosen(many - 1, "dot", "softmax") == "cpu"
+    assert chosen(many, "dot", "softmax") == "torch"
+    assert chosen(many, "l2", "polynomial") == "torch"
+    assert chosen(many, "dot", "softmax", name="cpu") == "cpu"
+    for similarity, separation in (("dot", "sparsemax"), ("l2", "entmax"), ("manhattan", "softmax")):
+        assert chosen(10 * many, similarity, separation) == "cpu"

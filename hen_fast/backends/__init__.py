@@ -26,6 +26,11 @@ class Request:
     device: torch.device
     dtypes: tuple[torch.dtype, ...]
     needs_grad: bool
+    # The problem, for rules that pick a backend by shape (None: unknown, e.g. a device probe).
+    num_queries: int | None = None
+    num_memories: int | None = None
+    similarity: str | None = None
+    separation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -39,13 +44,16 @@ class Backend:
     check: Callable[[Request], str | None] = lambda request: None
     # Device types on which "auto" may pick it; None: wherever check() accepts the request.
     auto_device_types: tuple[str, ...] | None = None
+    # Why "auto" should leave a request it can compute to a lower-priority backend (a measured
+    # speed rule), or None.
+    auto_check: Callable[[Request], str | None] = lambda request: None
     hint: str = ""
 
     def refusal(self, request: Request, *, auto: bool = False) -> str | None:
         if auto and self.auto_device_types is not None:
             if request.device.type not in self.auto_device_types:
                 return f"auto does not pick it for {request.device.type} tensors"
-        return self.check(request)
+        return self.check(request) or (self.auto_check(request) if auto else None)
 
 
 _REGISTRY: dict[str, Backend] = {}

@@ -63,6 +63,23 @@ def check(request: Request) -> str | None:
     return None
 
 
+# From this many queries on, dense dot/l2 retrieval (softmax, polynomial) is as fast or faster in
+# the torch backend: its whole-chunk BLAS products and vectorised softmax beat the kernel's
+# per-tile passes (measured on 2 cores, d = 256 and 784: kernel/torch time 0.7-1.1 at B <= 64,
+# 1.0-1.5 at B = 128-256, 1.5-2.0 at B = 1000; benchmarks/bench_retrieve_cpu.py, sweep). The torch
+# backend streams the bank in chunks too, so its memory stays bounded. Sparse separations and
+# manhattan stay on the kernel at every B (2-4x faster there).
+DENSE_TORCH_FROM_QUERIES = 128
+
+
+def auto_check(request: Request) -> str | None:
+    dense = request.separation in ("softmax", "polynomial") and request.similarity in ("dot", "l2")
+    if dense and (request.num_queries or 0) >= DENSE_TORCH_FROM_QUERIES:
+        return (f"dense {request.similarity}/{request.separation} with >= "
+                f"{DENSE_TORCH_FROM_QUERIES} queries is faster in the torch backend")
+    return None
+
+
 def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
              separation="softmax", alpha=1.5, degree=10, steps=1, tol=None, clamp_mask=None,
              return_info=False, capacity=None, sq_norms=None):
@@ -93,4 +110,4 @@ def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
 
 
 BACKEND = Backend(name="cpu", retrieve=retrieve, priority=10, is_available=load_extension,
-                  check=check, hint=HINT)
+                  check=check, auto_check=auto_check, hint=HINT)
