@@ -1,0 +1,64 @@
+"""The package's own small autoencoders, whose weights ship in ``weights/``.
+
+Each model is two files: ``<name>.safetensors`` (the weights) and ``<name>.json`` (the diffusers
+class and config, the image size and channels, the training set-up, the reconstruction error on the
+held-out eval split and the measured best retrieval setting). ``scripts/train_autoencoders.py``
+writes both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def weights_paths(name: str) -> tuple[Path, Path]:
+    return WEIGHTS_DIR / f"{name}.safetensors", WEIGHTS_DIR / f"{name}.json"
+
+
+def shipped_present(name: str) -> bool:
+    return all(path.is_file() for path in weights_paths(name))
+
+
+def shipped_info(name: str) -> dict:
+    """The json record beside a shipped model's weights (config, training, eval metrics)."""
+    from . import SHIPPED
+
+    if name not in SHIPPED:
+        raise ValueError(f"unknown shipped encoder {name!r}; shipped: {', '.join(SHIPPED)}")
+    weights, record = weights_paths(name)
+    if not shipped_present(name):
+        raise FileNotFoundError(
+            f"the weights of {name!r} are missing ({weights} and {record}); reinstall hen_fast or "
+            f"recreate them with `python scripts/train_autoencoders.py --models {name}`"
+        )
+    return json.loads(record.read_text())
+
+
+def load_shipped(name: str, device="cpu", **options):
+    """Build the shipped encoder ``name`` with its trained weights. ``options`` go to the wrapper
+    (e.g. ``latent="onehot"`` for the VQ models); ``recommended`` defaults to the setting measured
+    for the chosen latent."""
+    from safetensors.torch import load_file
+
+    from .diffusers_models import DiffusersKL, DiffusersVQ
+
+    info = shipped_info(name)
+    wrapper = {"AutoencoderKL": DiffusersKL, "VQModel": DiffusersVQ}[info["class"]]
+    import diffusers
+
+    model = getattr(diffusers, info["class"]).from_config(info["config"])
+    model.load_state_dict(load_file(str(weights_paths(name)[0])), strict=True)
+    latent = options.get("latent", "quantized") if wrapper is DiffusersVQ else "kl"
+    recommended = info.get("recommended", {}).get(latent, {})
+    options.setdefault("recommended", recommended)
+    return wrapper(
+        model=model,
+        image_size=tuple(info["image_size"]),
+        channels=info["channels"],
+        device=device,
+        name=name,
+        **options,
+    )
