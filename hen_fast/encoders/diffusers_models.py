@@ -41,8 +41,8 @@ def _from_pretrained(model_class, pretrained: str, subfolder: str | None):
         raise ModelNotFoundError(
             f"{where}. hen_fast never downloads weights: download them yourself (e.g. "
             f"`huggingface-cli download {path}` or `git clone` the model repository) and pass the "
-            f"local folder as pretrained=, or use a shipped encoder (hen_fast.encoders.available())."
-            f" ({type(error).__name__}: {error})"
+            "local folder as pretrained=, or use a shipped encoder "
+            f"(hen_fast.encoders.available()). ({type(error).__name__}: {error})"
         ) from error
 
 

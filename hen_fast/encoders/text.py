@@ -75,7 +75,10 @@ class MiniLMTextEncoder(TextEncoder):
 
         self.device = torch.device(device)
         self.model = SentenceTransformer(str(path), device=str(self.device))
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        # The method was renamed in sentence-transformers 5; accept either.
+        get_dim = getattr(self.model, "get_embedding_dimension", None)
+        get_dim = get_dim or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
         self.name = "minilm"
 
     def encode(self, captions, batch_size=64, progress=None):
@@ -163,8 +166,8 @@ def render_caption_hash(
     from PIL import Image
 
     side = math.isqrt(256)
-    bits = caption_hash_bits(caption).reshape(side, side)
-    picture = Image.frombytes("L", (side, side), bytes((bits * 255).to(torch.uint8).tolist()))
+    levels = caption_hash_bits(caption).mul(255).to(torch.uint8)
+    picture = Image.frombytes("L", (side, side), bytes(levels.tolist()))
     picture = picture.resize((image_size[1], image_size[0]), Image.NEAREST)
     pixels = torch.frombuffer(bytearray(picture.tobytes()), dtype=torch.uint8)
     pixels = pixels.reshape(1, image_size[0], image_size[1]).float().div_(255.0)
