@@ -14,6 +14,7 @@ from .backends import (
     registered_backends,
     unregister_backend,
 )
+from .hen import HeteroAssociativeNetwork, HopfieldEncodingNetwork
 from .info import RetrieveInfo
 from .reference import SEPARATIONS, SIMILARITIES
 
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "HeteroAssociativeNetwork",
+    "HopfieldEncodingNetwork",
     "Request",
     "RetrieveInfo",
     "SEPARATIONS",
