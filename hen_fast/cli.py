@@ -23,7 +23,7 @@ DEMO_CONFIGS = [
 ]
 # Modules that add their own subcommands: each has ``add_commands(subparsers)`` and imports only
 # what parsing needs, so ``hen-fast --help`` stays fast.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("hen_fast.experiments", "hen_fast.uhop.cli")
 EXACT_PIXEL_ERROR = 0.02  # a recall is exact when no pixel is off by more than this (about 5/255)
 
 

@@ -624,3 +624,25 @@ def naive_retrieve(
             moving = moving & (torch.linalg.vector_norm(new - x, dim=1) > tol)
         x = new
     return (x, RetrieveInfo(*info)) if return_info else x
+
+
+# --------------------------------------------------------------------------------------------------
+# U-Hop's separation loss, the plain way (torch.pdist materialises all M (M - 1) / 2 distances).
+
+SEPARATION_REDUCTIONS = ("average", "max")
+
+
+def naive_separation_loss(
+    features: Tensor, t: float = 2.0, reduction: str = "average", dtype=torch.float64
+) -> Tensor:
+    """U-Hop's separation loss of the rows of ``features`` (M, D) from ``torch.pdist``, in ``dtype``.
+
+    ``"average"``: ``log mean_{u != v} exp(-t ||z_u - z_v||^2)`` over the M (M - 1) ordered pairs
+    (each unordered pair twice, which the mean does not see); ``"max"`` (Appendix G.2):
+    ``max_{u != v} -t ||z_u - z_v||^2``, the log-kernel of the closest pair. Differentiable.
+    """
+    num_rows = features.shape[0]
+    log_kernel = -t * torch.pdist(features.to(dtype)) ** 2
+    if reduction == "max":
+        return log_kernel.max()
+    return torch.logsumexp(log_kernel, dim=0) - math.log(num_rows * (num_rows - 1) / 2)

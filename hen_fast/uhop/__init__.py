@@ -1,0 +1,20 @@
+"""U-Hop (uniform memory retrieval): learn a feature map that separates the stored patterns
+(Stage I), then retrieve in its kernel space (Stage II). See the README's "U-Hop" section."""
+
+from .baselines import BASELINES, baseline_retrieve
+from .feature_map import FeatureMap, fit_feature_map
+from .loss import separation_loss
+from .retrieval import projected_bank, retrieve
+
+# The kernelized Hopfield layer (hen_fast/uhop/layer.py) is exported here once it exists:
+# from .layer import UHopHopfieldLayer
+
+__all__ = [
+    "BASELINES",
+    "FeatureMap",
+    "baseline_retrieve",
+    "fit_feature_map",
+    "projected_bank",
+    "retrieve",
+    "separation_loss",
+]

@@ -1,0 +1,132 @@
+"""``hen-fast uhop-*``: U-Hop's memory-retrieval experiments, each writing JSON and a PNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DEFAULT_OUT = "results/uhop"
+
+
+def add_commands(subparsers) -> None:
+    """Adds uhop-capacity, uhop-noise, uhop-iterations and uhop-loss-error."""
+
+    def common(parser, size: int | None = 100):
+        parser.add_argument("--dataset", choices=("mnist", "patches"), default="mnist")
+        parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and PNG")
+        parser.add_argument("--beta", type=float, default=1.0)
+        parser.add_argument("--t", type=float, default=2.0, help="separation-loss scale")
+        if size is not None:
+            parser.add_argument("--size", type=int, default=size, help="memory-set size M")
+
+    capacity = subparsers.add_parser(
+        "uhop-capacity", help="U-Hop vs baselines: error against memory-set size (50%% masked)"
+    )
+    common(capacity, size=None)
+    capacity.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 30, 50, 100, 200, 500])
+    capacity.add_argument(
+        "--repeats",
+        type=int,
+        nargs="+",
+        default=[20],
+        help="repeats, one number for all sizes or one per size",
+    )
+    capacity.add_argument("--steps", type=int, default=100, help="Stage I iterations N")
+    capacity.add_argument("--lr", type=float, default=1.0)
+    capacity.set_defaults(run=_run_capacity)
+
+    noise = subparsers.add_parser("uhop-noise", help="U-Hop vs baselines: error against noise")
+    common(noise)
+    noise.add_argument("--levels", type=float, nargs="+", default=None)
+    noise.add_argument("--repeats", type=int, default=20)
+    noise.add_argument("--steps", type=int, default=100)
+    noise.add_argument("--lr", type=float, default=1.0)
+    noise.set_defaults(run=_run_noise)
+
+    iters = subparsers.add_parser(
+        "uhop-iterations", help="U-Hop's error and loss against Stage I iterations N (Fig. 5)"
+    )
+    common(iters)
+    iters.add_argument("--checkpoints", type=int, nargs="+", default=None)
+    iters.add_argument("--repeats", type=int, default=5)
+    iters.add_argument("--lr", type=float, default=1.0)
+    iters.set_defaults(run=_run_iterations)
+
+    loss_error = subparsers.add_parser(
+        "uhop-loss-error", help="U-Hop's error against its separation loss (Fig. 7)"
+    )
+    common(loss_error)
+    loss_error.add_argument("--runs", type=int, default=50)
+    loss_error.add_argument("--max-steps", type=int, default=200)
+    loss_error.set_defaults(run=_run_loss_error)
+
+
+def _finish(result, args) -> int:
+    from .experiments import save
+
+    json_path, png_path = save(result, Path(args.out))
+    summary = result["summary"]
+    if "uhop_over_mhm_mean" in summary:
+        print(f"U-Hop error / MHM error, mean over x: {summary['uhop_over_mhm_mean']:.3f}")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _positive(name, values) -> bool:
+    if any(v < 1 for v in values):
+        print(f"--{name} must be >= 1, got {values}", file=sys.stderr)
+        return False
+    return True
+
+
+def _run_capacity(args) -> int:
+    from . import experiments
+
+    if len(args.repeats) not in (1, len(args.sizes)):
+        print("--repeats takes one number or one per size", file=sys.stderr)
+        return 2
+    if not (_positive("sizes", args.sizes) and _positive("repeats", args.repeats)):
+        return 2
+    repeats = args.repeats[0] if len(args.repeats) == 1 else args.repeats
+    result = experiments.capacity(
+        args.dataset, args.sizes, repeats, steps=args.steps, t=args.t, lr=args.lr, beta=args.beta
+    )
+    return _finish(result, args)
+
+
+def _run_noise(args) -> int:
+    from . import experiments
+
+    levels = args.levels or list(experiments.PAPER_NOISE_LEVELS)
+    result = experiments.noise(
+        args.dataset,
+        args.size,
+        levels,
+        args.repeats,
+        steps=args.steps,
+        t=args.t,
+        lr=args.lr,
+        beta=args.beta,
+    )
+    return _finish(result, args)
+
+
+def _run_iterations(args) -> int:
+    from . import experiments
+
+    checkpoints = args.checkpoints or list(experiments.PAPER_ITERATIONS)
+    if not _positive("checkpoints", checkpoints):
+        return 2
+    result = experiments.iterations(
+        args.dataset, args.size, checkpoints, args.repeats, t=args.t, lr=args.lr, beta=args.beta
+    )
+    return _finish(result, args)
+
+
+def _run_loss_error(args) -> int:
+    from . import experiments
+
+    result = experiments.loss_vs_error(
+        args.dataset, args.size, args.runs, max_steps=args.max_steps, t=args.t, beta=args.beta
+    )
+    return _finish(result, args)
