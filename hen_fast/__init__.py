@@ -14,6 +14,7 @@ from .backends import (
     registered_backends,
     unregister_backend,
 )
+from .bank import BankIntegrityError, MemoryBank
 from .hen import HeteroAssociativeNetwork, HopfieldEncodingNetwork
 from .info import RetrieveInfo
 from .reference import SEPARATIONS, SIMILARITIES
@@ -23,8 +24,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "BankIntegrityError",
     "HeteroAssociativeNetwork",
     "HopfieldEncodingNetwork",
+    "MemoryBank",
     "Request",
     "RetrieveInfo",
     "SEPARATIONS",

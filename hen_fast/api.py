@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .backends import Request, select_backend
+from .bank import MemoryBank
 from .info import RetrieveInfo
 from .reference import SEPARATIONS, SIMILARITIES
 
@@ -17,7 +19,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def retrieve(
     queries: Tensor,
-    memories: Tensor,
+    memories: Tensor | MemoryBank,
     values: Tensor | None = None,
     *,
     beta: float = 1.0,
@@ -31,12 +33,14 @@ def retrieve(
     backend: str = "auto",
     return_info: bool = False,
     check_finite: bool = True,
+    memory_cap: int | None = None,
 ) -> Tensor | tuple[Tensor, RetrieveInfo]:
     """Modern Hopfield retrieval: ``x <- Sep(beta * sim(K, x)) V``, ``steps`` times.
 
     Args:
         queries: ``(B, d)`` or a single ``(d,)`` query.
-        memories: the keys ``K``, ``(M, d)``.
+        memories: the keys ``K``, ``(M, d)``, or a :class:`~hen_fast.MemoryBank` (then
+            ``values`` must be None: the bank holds them; its cached norms are reused).
         values: ``(M, dv)``; default the memories themselves (auto-association).
         beta: inverse temperature, multiplies the scores (never the output); finite, ``> 0``.
         similarity: ``"dot"`` (``x.k``), ``"l2"`` (``-||x - k||^2``) or ``"manhattan"``
@@ -55,7 +59,14 @@ def retrieve(
         backend: ``"auto"`` (the fastest available for the inputs' device) or a name from
             :func:`hen_fast.available_backends`.
         return_info: also return a :class:`~hen_fast.RetrieveInfo`.
-        check_finite: reject NaN/Inf in the inputs (one extra read of the bank).
+        check_finite: reject NaN/Inf in the inputs (one extra read of the bank; a MemoryBank
+            remembers the answer until its tensors change).
+        memory_cap: bytes of bank (keys, values, norms) to hold on the compute device at once.
+            A larger bank is streamed in chunks through the backend and the chunks' partial
+            states are merged exactly (out-of-core). A memory-mapped MemoryBank is streamed by
+            default in chunks of 256 MiB, and a MemoryBank on the CPU with queries on a GPU is
+            streamed to the GPU (two chunks in flight, so each chunk takes half the cap).
+            Streaming computes without autograd.
 
     Returns:
         ``(B, dv)`` (or ``(dv,)`` for a single query) in the queries' dtype, and the info when
@@ -66,6 +77,113 @@ def retrieve(
         ValueError: any other bad argument, naming it, what it got and what was expected;
             :class:`~hen_fast.BackendUnavailableError` for a named backend that cannot run here.
     """
+    bank = memories if isinstance(memories, MemoryBank) else None
+    norms = None
+    if bank is not None:
+        if values is not None:
+            raise ValueError(
+                "values must be None when memories is a MemoryBank: the bank holds its values"
+            )
+        state = bank.state
+        memories, values, norms = state.keys, state.values, state.norms
+    # A host bank with queries on a GPU is streamed to the GPU, so only then devices may differ.
+    host_bank = (
+        bank is not None
+        and isinstance(queries, Tensor)
+        and memories.device.type == "cpu"
+        and queries.device.type == "cuda"
+    )
+    args = check_arguments(
+        queries, memories, values, beta=beta, similarity=similarity, separation=separation,
+        alpha=alpha, degree=degree, steps=steps, tol=tol, clamp_mask=clamp_mask,
+        return_info=return_info, check_finite=check_finite and bank is None,
+        check_devices=not host_bank,
+    )  # fmt: skip
+    if check_finite:
+        if bank is not None and not bank.all_finite():
+            raise ValueError(
+                "memories (the MemoryBank) contains NaN or Inf; clean the input or pass "
+                "check_finite=False to skip this check"
+            )
+        if bank is not None and not _all_finite(queries):
+            raise ValueError(
+                "queries contains NaN or Inf; clean the input or pass "
+                "check_finite=False to skip this check"
+            )
+    if memory_cap is not None:
+        if isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Integral):
+            raise TypeError(f"memory_cap must be an int (bytes) or None, got {memory_cap!r}")
+        if memory_cap <= 0:
+            raise ValueError(f"memory_cap must be > 0 bytes, got {memory_cap}")
+
+    tensors = [t for t in (queries, memories, values) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    chunk_rows = _stream_chunk_rows(memory_cap, bank, memories, values, similarity, queries)
+    request = Request(
+        queries.device,
+        tuple(t.dtype for t in tensors),
+        needs_grad,
+        num_queries=args.queries2d.shape[0],
+        num_memories=memories.shape[0] if chunk_rows is None else chunk_rows,
+        similarity=similarity,
+        separation=separation,
+    )
+    impl = select_backend(backend, request)
+    kwargs = dict(beta=args.beta, similarity=similarity, separation=separation, alpha=args.alpha,
+                  degree=args.degree, steps=int(steps), tol=args.tol,
+                  clamp_mask=args.clamp_mask, return_info=return_info)  # fmt: skip
+    if chunk_rows is not None:
+        if needs_grad:
+            raise ValueError(
+                "memory_cap: out-of-core streaming computes without autograd; retrieve in "
+                "memory (no memory_cap, a bank that is not memory-mapped) to differentiate"
+            )
+        from .streaming import stream_retrieve
+
+        out, info = stream_retrieve(
+            args.queries2d, memories, values, norms if similarity == "l2" else None, impl=impl,
+            chunk_rows=chunk_rows, **kwargs,
+        )  # fmt: skip
+    else:
+        out, info = impl.retrieve(args.queries2d, memories, values, **kwargs)
+    if args.single:
+        out = out.squeeze(0)
+        info = None if info is None else info.squeeze()
+    return (out, info) if return_info else out
+
+
+@dataclass(frozen=True)
+class CheckedArguments:
+    """retrieve's arguments after validation, in the form the backends take."""
+
+    single: bool
+    queries2d: Tensor
+    beta: float
+    alpha: float
+    degree: float
+    tol: float | None
+    clamp_mask: Tensor | None
+
+
+def check_arguments(
+    queries,
+    memories,
+    values,
+    *,
+    beta,
+    similarity,
+    separation,
+    alpha,
+    degree,
+    steps,
+    tol,
+    clamp_mask,
+    return_info,
+    check_finite,
+    check_devices=True,
+) -> CheckedArguments:
+    """Every check :func:`retrieve` makes, raising its TypeError/ValueError; shared with
+    :class:`hen_fast.distributed.ShardedMemory` (which passes its local shard as ``memories``)."""
     single = _check_tensor("queries", queries, (1, 2))
     _check_tensor("memories", memories, (2,))
     if values is not None:
@@ -94,7 +212,11 @@ def retrieve(
     value_dim = dim if values is None else values.shape[1]
     if value_dim == 0:
         raise ValueError(f"values must have at least one column, got shape {tuple(values.shape)}")
-    _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask)
+    if check_devices:
+        _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask)
+    else:
+        _check_devices(queries=queries, clamp_mask=clamp_mask)
+        _check_devices(memories=memories, values=values)
 
     beta = _check_real("beta", beta, positive=True)
     if similarity not in SIMILARITIES:
@@ -143,36 +265,21 @@ def retrieve(
                     "check_finite=False to skip this check"
                 )
 
-    tensors = [t for t in (queries, memories, values) if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    request = Request(
-        queries.device,
-        tuple(t.dtype for t in tensors),
-        needs_grad,
-        num_queries=queries2d.shape[0],
-        num_memories=memories.shape[0],
-        similarity=similarity,
-        separation=separation,
-    )
-    impl = select_backend(backend, request)
-    out, info = impl.retrieve(
-        queries2d,
-        memories,
-        values,
-        beta=beta,
-        similarity=similarity,
-        separation=separation,
-        alpha=alpha,
-        degree=degree,
-        steps=int(steps),
-        tol=tol,
-        clamp_mask=clamp_mask,
-        return_info=return_info,
-    )
-    if single:
-        out = out.squeeze(0)
-        info = None if info is None else info.squeeze()
-    return (out, info) if return_info else out
+    return CheckedArguments(single, queries2d, beta, alpha, degree, tol, clamp_mask)
+
+
+def _stream_chunk_rows(memory_cap, bank, keys, values, similarity, queries) -> int | None:
+    """Memories per chunk when the bank must be streamed, else None (it is retrieved in memory)."""
+    from .streaming import DEFAULT_MAPPED_CAP, chunk_rows_for, needs_double_buffer
+
+    double = needs_double_buffer(keys, queries.device)
+    if memory_cap is None:
+        if bank is None or not (bank.mapped or double):
+            return None
+        memory_cap = DEFAULT_MAPPED_CAP
+    with_norms = bank is not None and similarity == "l2"
+    rows = chunk_rows_for(memory_cap, keys, values, with_norms, buffers=2 if double else 1)
+    return None if rows >= keys.shape[0] and not double else rows
 
 
 def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:

@@ -15,7 +15,17 @@ def cached_sq_norms(keys: torch.Tensor) -> torch.Tensor:
     entry = _NORMS_CACHE.get(id(keys))
     if entry is not None and entry[0]() is keys and entry[1] == keys._version:
         return entry[2]
-    norms = keys.float().pow(2).sum(dim=1)
+    return remember_sq_norms(keys, sq_norms(keys))
+
+
+def sq_norms(keys: torch.Tensor) -> torch.Tensor:
+    """float32 ``||k||^2`` of every row, the one formula every backend's cached norms come from."""
+    return keys.float().pow(2).sum(dim=1)
+
+
+def remember_sq_norms(keys: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Registers norms that are already known (a :class:`~hen_fast.MemoryBank` keeps them; a
+    streamed chunk slices them), so that no backend computes them again for this tensor."""
     _NORMS_CACHE[id(keys)] = (weakref.ref(keys), keys._version, norms)
     weakref.finalize(keys, _NORMS_CACHE.pop, id(keys), None)
     return norms

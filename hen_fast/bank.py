@@ -1,0 +1,432 @@
+"""``MemoryBank``: keys, values, float32 bank norms and stable ids, saved and loaded safely.
+
+A bank file is a safetensors file (readable by the ``safetensors`` package too) whose header
+metadata holds, under ``"hen_fast"``, a JSON document: the format name and version, whether values
+are the keys (auto-association), the next free id, and every tensor's dtype, shape and the sha256
+of its bytes. ``save`` writes a temporary file beside the target, flushes and fsyncs it, renames it
+over the target and fsyncs the directory, so a crash at any moment leaves either the old bank or
+the new one, never a mixture. ``load`` checks the header, the sizes and every checksum, and refuses
+anything else with :class:`BankIntegrityError`. No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .backends.norms import remember_sq_norms, sq_norms
+
+FORMAT_NAME = "hen_fast.MemoryBank"
+FORMAT_VERSION = 1
+# safetensors dtype names; 16-bit floats travel as int16 through numpy (it has no bfloat16).
+_DTYPES = {
+    torch.float64: ("F64", np.float64),
+    torch.float32: ("F32", np.float32),
+    torch.float16: ("F16", np.int16),
+    torch.bfloat16: ("BF16", np.int16),
+    torch.int64: ("I64", np.int64),
+}
+_DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _DTYPES.items()}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Bytes written per write() call, so a large bank never needs a second copy in memory.
+_WRITE_BLOCK = 1 << 24
+
+
+class BankIntegrityError(ValueError):
+    """A bank file that is corrupted, truncated, incomplete or of another format version."""
+
+
+@dataclass(frozen=True)
+class BankState:
+    """One consistent snapshot of a bank: what ``retrieve`` reads, replaced as a whole on every
+    change so that a concurrent reader never sees keys of one version and norms of another."""
+
+    keys: Tensor
+    values: Tensor | None  # None: the values are the keys (auto-association)
+    norms: Tensor
+    ids: Tensor
+    mapped: bool  # memory-mapped from a file: retrieve streams it in chunks
+
+
+class MemoryBank:
+    """Stored patterns for :func:`hen_fast.retrieve`: keys ``(M, d)``, values ``(M, dv)`` (or the
+    keys themselves), their float32 squared norms (for ``similarity="l2"``) and one stable int64 id
+    per memory.
+
+    Pass a bank wherever ``retrieve`` takes ``memories`` (with ``values=None``); it reuses the
+    bank's norms and its cached finiteness check. ``append`` and ``remove`` replace the bank's
+    tensors as a whole (under a lock), so retrieval from other threads sees the bank before or
+    after a change, never halfway.
+
+    Args:
+        keys: ``(M, d)`` floating-point tensor.
+        values: ``(M, dv)`` on the keys' device, or None for auto-association.
+        ids: ``(M,)`` distinct integers; default ``0 .. M-1``.
+    """
+
+    def __init__(self, keys: Tensor, values: Tensor | None = None, ids=None):
+        keys = _check_rows("keys", keys)
+        if keys.shape[1] == 0:
+            raise ValueError(f"keys must have at least one column, got {tuple(keys.shape)}")
+        if values is not None:
+            values = _check_rows("values", values, rows=keys.shape[0])
+            if values.device != keys.device:
+                raise ValueError(f"values must be on the keys' device {keys.device}")
+        ids = _check_ids(ids, keys.shape[0], keys.device)
+        self._lock = threading.Lock()
+        self._next_id = int(ids.max()) + 1 if ids.numel() else 0
+        self._finite_cache: tuple | None = None
+        self._set_state(keys, values, sq_norms(keys), ids, mapped=False)
+
+    # ---------------------------------------------------------------------------------- reading
+    @property
+    def state(self) -> BankState:
+        return self._state
+
+    @property
+    def keys(self) -> Tensor:
+        return self._state.keys
+
+    @property
+    def values(self) -> Tensor:
+        """The values, which are the keys for an auto-associative bank."""
+        state = self._state
+        return state.keys if state.values is None else state.values
+
+    @property
+    def norms(self) -> Tensor:
+        """float32 ``||k||^2`` per memory."""
+        return self._state.norms
+
+    @property
+    def ids(self) -> Tensor:
+        return self._state.ids
+
+    @property
+    def auto_associative(self) -> bool:
+        return self._state.values is None
+
+    @property
+    def mapped(self) -> bool:
+        """Loaded with ``mmap=True``: its tensors are backed by the file."""
+        return self._state.mapped
+
+    def __len__(self) -> int:
+        return self._state.keys.shape[0]
+
+    def __repr__(self) -> str:
+        state = self._state
+        values = "keys" if state.values is None else tuple(state.values.shape)
+        return (
+            f"MemoryBank(keys={tuple(state.keys.shape)}, values={values}, "
+            f"dtype={state.keys.dtype}, device={state.keys.device}, mapped={state.mapped})"
+        )
+
+    def all_finite(self) -> bool:
+        """No NaN or Inf in keys or values; computed once per version of the bank's tensors."""
+        state = self._state
+        tensors = [t for t in (state.keys, state.values) if t is not None]
+        stamp = (state, tuple(t._version for t in tensors))
+        cached = self._finite_cache
+        if cached is not None and cached[0][0] is stamp[0] and cached[0][1] == stamp[1]:
+            return cached[1]
+        finite = all(_all_finite(t) for t in tensors)
+        self._finite_cache = (stamp, finite)
+        return finite
+
+    # ---------------------------------------------------------------------------------- changes
+    def append(self, keys: Tensor, values: Tensor | None = None, ids=None) -> Tensor:
+        """Adds memories and returns their ids (by default the next free ones). ``values`` must be
+        given exactly when the bank has its own values."""
+        with self._lock:
+            state = self._state
+            keys = _check_rows("keys", keys, like=state.keys)
+            if (values is None) != (state.values is None):
+                need = "without values (auto-associative)" if state.values is None else "values"
+                raise ValueError(f"values: this bank stores {need}; append accordingly")
+            if values is not None:
+                values = _check_rows("values", values, rows=keys.shape[0], like=state.values)
+            if ids is None:
+                ids = torch.arange(self._next_id, self._next_id + keys.shape[0])
+            ids = _check_ids(ids, keys.shape[0], state.keys.device)
+            clash = ids[torch.isin(ids, state.ids)]
+            if clash.numel():
+                raise ValueError(f"ids already in the bank: {clash.tolist()[:10]}")
+            self._set_state(
+                torch.cat([state.keys, keys]),
+                None if values is None else torch.cat([state.values, values]),
+                torch.cat([state.norms, sq_norms(keys)]),
+                torch.cat([state.ids, ids]),
+                mapped=False,
+            )
+            if ids.numel():
+                self._next_id = max(self._next_id, int(ids.max()) + 1)
+            return ids
+
+    def remove(self, ids) -> int:
+        """Removes the memories with these ids; every id must be in the bank (nothing is removed
+        otherwise). Returns how many were removed."""
+        with self._lock:
+            state = self._state
+            ids = _check_ids(ids, None, state.ids.device)
+            missing = ids[~torch.isin(ids, state.ids)]
+            if missing.numel():
+                raise ValueError(f"ids not in the bank: {missing.tolist()[:10]}")
+            keep = ~torch.isin(state.ids, ids)
+            self._set_state(
+                state.keys[keep],
+                None if state.values is None else state.values[keep],
+                state.norms[keep],
+                state.ids[keep],
+                mapped=False,
+            )
+            return int((~keep).sum())
+
+    def _set_state(self, keys, values, norms, ids, *, mapped):
+        remember_sq_norms(keys, norms)
+        self._state = BankState(keys, values, norms, ids, mapped)
+
+    # ------------------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Writes the bank to ``path`` atomically (see the module docstring) and returns it."""
+        path = Path(path)
+        state = self._state
+        tensors = {"keys": state.keys, "norms": state.norms, "ids": state.ids}
+        if state.values is not None:
+            tensors["values"] = state.values
+        arrays = {name: _as_numpy(t) for name, t in tensors.items()}
+        # Widest dtypes first keeps every tensor aligned to its element size in the file.
+        order = sorted(arrays, key=lambda name: (-arrays[name].itemsize, name))
+        described, offset = {}, 0
+        for name in order:
+            array = arrays[name]
+            described[name] = {
+                "dtype": _DTYPES[tensors[name].dtype][0],
+                "shape": list(tensors[name].shape),
+                "sha256": hashlib.sha256(memoryview(array).cast("B")).hexdigest(),
+            }
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "auto_associative": state.values is None,
+            "next_id": self._next_id,
+            "tensors": described,
+        }
+        header = {"__metadata__": {"hen_fast": json.dumps(meta, sort_keys=True)}}
+        for name in order:
+            size = arrays[name].nbytes
+            header[name] = {
+                "dtype": described[name]["dtype"],
+                "shape": described[name]["shape"],
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        header_bytes = json.dumps(header, separators=(",", ":")).encode()
+        header_bytes += b" " * (-len(header_bytes) % 8)
+        blobs = [struct.pack("<Q", len(header_bytes)), header_bytes]
+        blobs += [memoryview(arrays[name]).cast("B") for name in order]
+        _atomic_write(path, blobs)
+        return path
+
+    @classmethod
+    def load(cls, path, mmap: bool = False) -> MemoryBank:
+        """Reads a bank saved by :meth:`save`, verifying its format version, sizes and the sha256
+        of every tensor. ``mmap=True`` maps the tensors from the file instead of reading them
+        (copy-on-write: changing them never changes the file); ``retrieve`` then streams the bank
+        in chunks. Raises FileNotFoundError for a missing file and :class:`BankIntegrityError`,
+        naming the file, for anything wrong inside it."""
+        path = Path(path)
+        with open(path, "rb"):  # FileNotFoundError / PermissionError as usual
+            pass
+        if path.stat().st_size < 8:
+            raise BankIntegrityError(f"{path}: truncated ({path.stat().st_size} bytes)")
+        if mmap:
+            buffer = np.memmap(path, mode="c", dtype=np.uint8)
+        else:
+            buffer = np.fromfile(path, dtype=np.uint8)
+        meta, tensors = _parse(path, buffer)
+        bank = cls.__new__(cls)
+        bank._lock = threading.Lock()
+        bank._next_id = meta["next_id"]
+        bank._finite_cache = None
+        values = None if meta["auto_associative"] else tensors["values"]
+        bank._set_state(tensors["keys"], values, tensors["norms"], tensors["ids"], mapped=mmap)
+        return bank
+
+
+# ---------------------------------------------------------------------------------- file format
+def _atomic_write(path: Path, blobs) -> None:
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"path: directory {directory} does not exist")
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            for blob in blobs:
+                _write_blob(file, blob)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+
+
+def _write_blob(file, blob) -> None:
+    for start in range(0, len(blob), _WRITE_BLOCK):
+        file.write(blob[start : start + _WRITE_BLOCK])
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Makes the rename durable. Some platforms cannot open a directory; the rename is still
+    atomic there."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
+    def refuse(why: str):
+        raise BankIntegrityError(f"{path}: {why}; the file is not an intact hen_fast bank")
+
+    (header_size,) = struct.unpack("<Q", buffer[:8].tobytes())
+    if header_size > buffer.size - 8:
+        refuse(f"truncated header (needs {header_size} bytes, has {buffer.size - 8})")
+    try:
+        header = json.loads(buffer[8 : 8 + header_size].tobytes().decode("utf-8"))
+        meta = json.loads(header.pop("__metadata__")["hen_fast"])
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        refuse(f"unreadable header ({type(error).__name__}: {error})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        refuse("not a MemoryBank file")
+    if meta.get("version") != FORMAT_VERSION:
+        refuse(f"format version {meta.get('version')!r}, this hen_fast reads {FORMAT_VERSION}")
+    described = meta.get("tensors")
+    auto = meta.get("auto_associative")
+    expected = {"keys", "norms", "ids"} | (set() if auto else {"values"})
+    if not isinstance(auto, bool) or not isinstance(meta.get("next_id"), int):
+        refuse("bad metadata")
+    if not isinstance(described, dict) or set(described) != expected or set(header) != expected:
+        refuse(f"tensors {sorted(header)} where {sorted(expected)} belong")
+    data_start = 8 + header_size
+    data_size = buffer.size - data_start
+    tensors, spans = {}, []
+    for name in expected:
+        entry, record = header[name], described[name]
+        try:
+            dtype = _DTYPE_BY_NAME[entry["dtype"]]
+            shape = [int(n) for n in entry["shape"]]
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            refuse(f"bad header entry for {name!r}")
+        if entry["dtype"] != record.get("dtype") or shape != record.get("shape"):
+            refuse(f"header and metadata disagree on {name!r}")
+        itemsize = np.dtype(_DTYPES[dtype][1]).itemsize
+        if min(shape, default=0) < 0 or end - begin != itemsize * int(np.prod(shape)):
+            refuse(f"size of {name!r} does not match its shape")
+        if begin < 0 or end > data_size:
+            refuse(f"{name!r} lies past the end of the file (truncated?)")
+        raw = buffer[data_start + begin : data_start + end]
+        if hashlib.sha256(memoryview(raw)).hexdigest() != record.get("sha256"):
+            refuse(f"checksum of {name!r} does not match (corrupted)")
+        array = raw.view(_DTYPES[dtype][1]).reshape(shape)
+        tensors[name] = torch.from_numpy(array).view(dtype)
+        spans.append((begin, end))
+    covered = 0
+    for begin, end in sorted(spans):
+        if begin != covered:
+            refuse("tensor data overlaps or leaves gaps")
+        covered = end
+    if covered != data_size:
+        refuse(f"{data_size - covered} unexpected trailing bytes")
+    _check_loaded(refuse, tensors, auto)
+    return meta, tensors
+
+
+def _check_loaded(refuse, tensors: dict[str, Tensor], auto: bool) -> None:
+    keys, norms, ids = tensors["keys"], tensors["norms"], tensors["ids"]
+    rows = keys.shape[0] if keys.dim() == 2 else -1
+    if keys.dtype not in _FLOAT_DTYPES or keys.dim() != 2:
+        refuse("keys must be a 2-D floating-point tensor")
+    if norms.dtype != torch.float32 or tuple(norms.shape) != (rows,):
+        refuse("norms must be float32, one per key")
+    if ids.dtype != torch.int64 or tuple(ids.shape) != (rows,):
+        refuse("ids must be int64, one per key")
+    if not auto:
+        values = tensors["values"]
+        if values.dtype not in _FLOAT_DTYPES or values.dim() != 2 or values.shape[0] != rows:
+            refuse("values must be 2-D floating point, one row per key")
+
+
+# ---------------------------------------------------------------------------------- validation
+def _check_rows(name: str, tensor, *, rows: int | None = None, like: Tensor | None = None):
+    """A 2-D floating-point tensor; with ``rows``, that many rows; with ``like``, the same
+    device, dtype and number of columns (what ``append`` concatenates onto)."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must have shape (M, d), got {tuple(tensor.shape)}")
+    if rows is not None and tensor.shape[0] != rows:
+        raise ValueError(f"{name} must have one row per key ({rows}), got {tuple(tensor.shape)}")
+    if like is not None:
+        if tensor.device != like.device or tensor.dtype != like.dtype:
+            raise ValueError(
+                f"{name} must match the bank's {like.dtype} on {like.device}, "
+                f"got {tensor.dtype} on {tensor.device}"
+            )
+        if tensor.shape[1] != like.shape[1]:
+            raise ValueError(
+                f"{name} must have the bank's {like.shape[1]} columns, got {tuple(tensor.shape)}"
+            )
+    return tensor
+
+
+def _check_ids(ids, rows: int | None, device) -> Tensor:
+    if ids is None:
+        return torch.arange(rows, device=device)
+    ids = torch.as_tensor(ids, device=device)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"ids must be integers, got {ids.dtype}")
+    ids = ids.reshape(-1).to(torch.int64)
+    if rows is not None and ids.numel() != rows:
+        raise ValueError(f"ids must hold one id per memory ({rows}), got {ids.numel()}")
+    if ids.unique().numel() != ids.numel():
+        raise ValueError("ids must be distinct")
+    return ids
+
+
+def _as_numpy(tensor: Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy()
+
+
+def _all_finite(tensor: Tensor) -> bool:
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
