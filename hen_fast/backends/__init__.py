@@ -124,6 +124,9 @@ def _register_builtin() -> None:
 
     register_backend(cpu_backend)
     register_backend(triton_backend)
+    from .cuda import BACKEND as cuda_backend  # by name only until measured on a GPU (issue 7)
+
+    register_backend(cuda_backend)
 
 
 _register_builtin()
