@@ -14,6 +14,8 @@
 //                alone. Queries whose window holds more than `capacity` scores are finished by
 //                Newton passes over the bank and a full output pass (see hen_fast/reference.py).
 // Registered as the torch.library op hen_fast::retrieve_step (CPU); the steps loop is Python's.
+// Its last output, the threshold t that turns a score into a weight (softmax and polynomial: the
+// log-normaliser; entmax: tau), is what retrieve_backward_cpu.cpp recomputes the weights from.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -182,9 +184,10 @@ void track_argmax(const at::Tensor& scores, int64_t m0, at::Tensor best, at::Ten
   best.copy_(at::where(better, tile_best, best));
 }
 
+using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
 // Softmax and polynomial: one pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smooth_step(const Problem& p,
-                                                                       bool want_info) {
+StepOutputs smooth_step(const Problem& p, bool want_info) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
   const bool softmax = p.separation == kSoftmax;
   Tasks tasks(rows, num_memories);
@@ -255,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> smooth_step(const Pro
     });
     support = counts.sum(1);
   }
-  return {out, support, argmax, lse};
+  return {out, support, argmax, lse, lse.clone()};
 }
 
 double power(double base, double exponent) {
@@ -306,7 +309,7 @@ double sorted_threshold(const std::vector<double>& y, double alpha, double y_max
 // below the true ones, then a full output pass. Writes those rows of out, support and lse.
 void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor tau_start,
                       const at::Tensor& y_max, at::Tensor out, at::Tensor support,
-                      at::Tensor lse) {
+                      at::Tensor lse, at::Tensor tau_out) {
   Problem p = whole;
   p.x = whole.x.index_select(0, which).contiguous();
   p.x_scaled = whole.x_scaled.index_select(0, which).contiguous();
@@ -355,6 +358,7 @@ void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor 
     });
   });
   auto total = part.sum.sum(1);
+  tau_out.index_copy_(0, which, tau);
   out.index_copy_(0, which, part.acc.sum(1) / total.unsqueeze(1));
   support.index_copy_(0, which, part.count.sum(1));
   lse.index_copy_(0, which, part.pz.sum(1) / total +
@@ -362,8 +366,7 @@ void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor 
                                     (alpha * (alpha - 1.0)));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_step(const Problem& p,
-                                                                       int64_t capacity) {
+StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
   const double alpha = p.alpha, q = 1.0 / (alpha - 1.0);
   Tasks tasks(rows, num_memories);
@@ -458,12 +461,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_step(const Pro
     auto which = at::tensor(wide, at::kLong);
     finish_wide_rows(p, which, tau.index_select(0, which),
                      top.index_select(0, which).to(at::kDouble) * (alpha - 1.0), out, support,
-                     lse);
+                     lse, tau);
   }
-  return {out, support, argmax, lse};
+  return {out, support, argmax, lse, tau.to(at::kFloat)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cpu(
+StepOutputs retrieve_step_cpu(
     const at::Tensor& x, const at::Tensor& keys, const c10::optional<at::Tensor>& sq_norms,
     const at::Tensor& values, double beta, int64_t similarity, int64_t separation, double alpha,
     double degree, int64_t capacity, bool want_info) {
@@ -488,7 +491,7 @@ TORCH_LIBRARY(hen_fast, m) {
   m.def(
       "retrieve_step(Tensor x, Tensor keys, Tensor? sq_norms, Tensor values, float beta, "
       "int similarity, int separation, float alpha, float degree, int capacity, bool want_info) "
-      "-> (Tensor out, Tensor support, Tensor argmax, Tensor lse)");
+      "-> (Tensor out, Tensor support, Tensor argmax, Tensor lse, Tensor threshold)");
 }
 
 TORCH_LIBRARY_IMPL(hen_fast, CPU, m) { m.impl("retrieve_step", &retrieve_step_cpu); }

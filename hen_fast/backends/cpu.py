@@ -1,5 +1,9 @@
 """The ``cpu`` backend: the fused C++ kernel (csrc/cpu, the op hen_fast::retrieve_step).
 
+The op is differentiable: its backward is the fused op hen_fast::retrieve_step_backward
+(csrc/cpu/retrieve_backward_cpu.cpp), which recomputes the weights tile by tile from the
+per-query threshold the forward returns, registered with ``torch.library.register_autograd``.
+
 The extension is loaded on first use, never at import; when it is missing, ``auto`` falls back to
 the torch backend and a warning says so once.
 """
@@ -39,6 +43,7 @@ def load_extension() -> bool:
                       f"backend computes instead. {HINT}", RuntimeWarning, stacklevel=3)
         return False
     _register_fake()
+    _register_autograd()
     return True
 
 
@@ -50,7 +55,39 @@ def _register_fake():
           want_info):
         rows = x.shape[0]
         return (x.new_empty(rows, values.shape[1]), x.new_empty(rows, dtype=torch.long),
-                x.new_empty(rows, dtype=torch.long), x.new_empty(rows))
+                x.new_empty(rows, dtype=torch.long), x.new_empty(rows), x.new_empty(rows))
+
+    @torch.library.register_fake("hen_fast::retrieve_step_backward")
+    def _(grad_out, x, keys, sq_norms, values, out, threshold, beta, similarity, separation,
+          alpha, degree):
+        return (x.new_empty(x.shape), x.new_empty(keys.shape), x.new_empty(values.shape))
+
+
+@functools.cache  # once per process, even when the extension is loaded again
+def _register_autograd():
+    """Gradients of retrieve_step's output for x, keys and values (its other outputs are
+    statistics, not differentiated)."""
+
+    def setup_context(ctx, inputs, output):
+        x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, _, _ = inputs
+        out, support, argmax, lse, threshold = output
+        ctx.save_for_backward(x, keys, sq_norms, values, out, threshold)
+        ctx.options = (beta, similarity, separation, alpha, degree)
+        ctx.mark_non_differentiable(support, argmax, lse, threshold)
+
+    def backward(ctx, grad_out, *_):
+        x, keys, sq_norms, values, out, threshold = ctx.saved_tensors
+        if grad_out is None:
+            return (None,) * 11
+        grad_x, grad_keys, grad_values = torch.ops.hen_fast.retrieve_step_backward(
+            grad_out, x, keys, sq_norms, values, out, threshold, *ctx.options)
+        needs = ctx.needs_input_grad
+        return (grad_x if needs[0] else None, grad_keys.to(keys.dtype) if needs[1] else None,
+                None, grad_values.to(values.dtype) if needs[3] else None,
+                None, None, None, None, None, None, None)
+
+    torch.library.register_autograd("hen_fast::retrieve_step", backward,
+                                    setup_context=setup_context)
 
 
 def check(request: Request) -> str | None:
@@ -58,8 +95,6 @@ def check(request: Request) -> str | None:
         return f"it computes on CPU tensors, got {request.device}"
     if torch.float64 in request.dtypes:
         return "it computes float16, bfloat16 and float32 inputs, not float64"
-    if request.needs_grad:
-        return "it has no backward pass yet; the torch backend differentiates"
     return None
 
 
@@ -93,12 +128,13 @@ def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
     values = memories if values is None else values
     capacity = capacity or default_capacity(queries.shape[0])
     if similarity == "l2" and sq_norms is None:
-        sq_norms = cached_sq_norms(memories)
+        with torch.no_grad():  # the op differentiates ||k||^2 itself
+            sq_norms = cached_sq_norms(memories)
     sparse_alpha = separation_alpha(separation, alpha) if separation != "polynomial" else 2.0
     op = torch.ops.hen_fast.retrieve_step
 
     def one_step(rows):
-        out, support, argmax, lse = op(
+        out, support, argmax, lse, _ = op(
             rows.contiguous(), memories, sq_norms, values, float(beta), SIM_CODES[similarity],
             SEP_CODES[separation], sparse_alpha, float(degree), capacity, return_info)
         if similarity == "l2":  # the kernel scores 2 x.k - ||k||^2: shift back to -||x - k||^2

@@ -32,8 +32,6 @@ def check(request: Request) -> str | None:
         return f"it computes on CUDA tensors, got {request.device}"
     if torch.float64 in request.dtypes:
         return "it computes float16, bfloat16 and float32 inputs, not float64"
-    if request.needs_grad:
-        return "it has no backward pass yet; the torch backend differentiates"
     return None
 
 

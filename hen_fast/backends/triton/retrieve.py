@@ -3,6 +3,10 @@
 The loop never asks the host whether queries converged: a per-query active flag lives on the
 device, the kernels skip blocks of converged queries, and the loop runs ``steps`` times (the
 sparse separations' rare overflow fallback is the one place that reads a flag back).
+
+When autograd needs a backward pass, each update is a :class:`~.backward.RetrieveStep` (the same
+fused forward, which also returns the threshold the backward recomputes the weights from), and
+the host-driven loop :func:`hen_fast.reference.iterate` chains the steps.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import math
 import torch
 import triton
 
+from ... import reference
 from ...info import RetrieveInfo
 from ...reference import SOFTMAX_SUPPORT_EPS, separation_alpha
 from ._common import SIM_CODES, cached_sq_norms, dot_settings, interpreting, num_splits
+from .backward import ENTMAX, RetrieveStep
 from .dense import POLYNOMIAL, SOFTMAX, dense_pass
 from .sparse import DEFAULT_CAPACITY, sparse_step
 from .stats import threshold_stats
@@ -54,30 +60,65 @@ def retrieve(
     device = queries.device
     similarity_code = SIM_CODES[similarity]
     if similarity == "l2" and sq_norms is None:
-        sq_norms = cached_sq_norms(memories)
-    # After the first step the iterate is float32, so the dot settings must suit that too.
-    iterate = queries if steps == 1 else queries.float()
+        with torch.no_grad():  # the backward differentiates ||k||^2 itself
+            sq_norms = cached_sq_norms(memories)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (queries, memories, values)
+    )
+    # After the first step the iterate is float32 (from the start when differentiating: the
+    # steps then run through reference.iterate), so the dot settings must suit that too.
+    iterate = queries if steps == 1 and not needs_grad else queries.float()
     config = launch_config(dim, value_dim, num_rows, similarity, iterate, memories, values)
     splits = num_splits_override or num_splits(
         triton.cdiv(num_rows, config["BLOCK_B"]), num_memories, device
     )
     common = dict(beta=beta, similarity_code=similarity_code, splits=splits, config=config)
 
-    def one_step(x, active):
+    def one_step(x, active, want_threshold=False):
+        """(out, support, argmax, lse) and, with want_threshold, the weights' threshold: the
+        kernel-scale log-normaliser (softmax, polynomial) or tau (entmax), float32."""
         if separation in ("softmax", "polynomial"):
             code = SOFTMAX if separation == "softmax" else POLYNOMIAL
             out, support, argmax, lse = dense_pass(
                 x, memories, sq_norms, values, active, separation_code=code, degree=float(degree),
-                want_info=return_info, **common,
+                want_info=return_info or want_threshold, **common,
             )
+            threshold = lse
             if separation == "softmax" and return_info:
-                threshold = lse + math.log(SOFTMAX_SUPPORT_EPS)
-                support, _, _ = threshold_stats(x, memories, sq_norms, active, threshold, **common)
-            return out, support, argmax, lse
-        return sparse_step(
-            x, memories, sq_norms, values, active, alpha=separation_alpha(separation, alpha),
-            capacity=capacity, want_info=return_info, **common,
+                cut = lse + math.log(SOFTMAX_SUPPORT_EPS)
+                support, _, _ = threshold_stats(x, memories, sq_norms, active, cut, **common)
+        else:
+            out, support, argmax, lse, threshold = sparse_step(
+                x, memories, sq_norms, values, active, alpha=separation_alpha(separation, alpha),
+                capacity=capacity, want_info=return_info, return_tau=True, **common,
+            )
+        if want_threshold:
+            return out, support, argmax, lse, threshold.float()
+        return out, support, argmax, lse
+
+    if needs_grad:
+        sparse = separation in ("sparsemax", "entmax")
+        sep_alpha = separation_alpha(separation, alpha) if sparse else 2.0  # unused when smooth
+        backward_options = dict(
+            beta=beta, similarity_code=similarity_code,
+            separation_code={"softmax": SOFTMAX, "polynomial": POLYNOMIAL}.get(separation, ENTMAX),
+            alpha=sep_alpha, degree=float(degree), config=config, splits=splits,
         )
+
+        def forward_step(rows):
+            active = torch.ones(rows.shape[0], dtype=torch.int32, device=device)
+            out, support, argmax, lse, threshold = one_step(rows, active, want_threshold=True)
+            if return_info and similarity == "l2":
+                lse = lse - beta * (rows * rows).sum(dim=1)
+            return out, support, argmax, lse, threshold
+
+        def differentiable_step(rows):
+            return RetrieveStep.apply(
+                rows.contiguous(), memories, values, sq_norms, forward_step, backward_options
+            )
+
+        return reference.iterate(differentiable_step, queries, torch.float32, steps=steps, tol=tol,
+                       clamp_mask=clamp_mask, return_info=return_info)
 
     held = queries.float()  # the values clamp_mask holds, converted once
     x = queries

@@ -98,9 +98,10 @@ def _gather_kernel(
 
 def sparse_step(
     x, keys, sq_norms, values, active, *, beta, alpha, similarity_code, splits, config,
-    capacity=DEFAULT_CAPACITY, want_info=True,
+    capacity=DEFAULT_CAPACITY, want_info=True, return_tau=False,
 ):
-    """One sparsemax/entmax update; returns (out, support, argmax, lse) in float32."""
+    """One sparsemax/entmax update; returns (out, support, argmax, lse) in float32, and with
+    ``return_tau`` also each row's threshold (float64), which the backward pass needs."""
     num_rows, num_memories = x.shape[0], keys.shape[0]
     device = x.device
     rows_per_split = split_size(num_memories, splits)
@@ -143,9 +144,12 @@ def sparse_step(
             alpha=alpha, similarity_code=similarity_code, splits=splits, config=config,
         )
         out = torch.where(overflow[:, None], solved[0], out)
+        tau = torch.where(overflow, solved[3], tau)
         if want_info:
             support = torch.where(overflow, solved[1], support)
             lse = torch.where(overflow, solved[2], lse)
+    if return_tau:
+        return out, support, argmax, lse, tau
     return out, support, argmax, lse
 
 
@@ -180,7 +184,7 @@ def _overflow_rows(
     x, keys, sq_norms, values, rows_to_solve, tau, top, *, beta, alpha, similarity_code, splits,
     config,
 ):
-    """(out, support, lse) by Newton passes over the whole bank from the buffer's threshold (a
+    """(out, support, lse, tau) by Newton passes over the whole bank from the buffer's threshold (a
     lower bound of the true one: a valid start), then a full output pass."""
 
     def partial_sums(tau_now, top_now):
@@ -198,4 +202,4 @@ def _overflow_rows(
         separation_code=ENTMAX_WITH_TAU, alpha=alpha, tau=tau.float().contiguous(), splits=splits,
         config=config,
     )
-    return out, support, lse
+    return out, support, lse, tau

@@ -1,0 +1,264 @@
+// Backward of one retrieval update on the CPU: gradients of out = p(z) V, z = beta * sim(x, K),
+// for the queries x, the keys K and the values V, recomputing the weights tile by tile.
+//
+// The forward (retrieve_cpu.cpp) saves per query one number, the threshold t that turns a score
+// into its weight: p = exp(z - t) (softmax, t = lse), p = relu(z)^n exp(-t) (polynomial, t = the
+// log-normaliser), p = [(alpha - 1) z - t]_+^q, q = 1 / (alpha - 1) (entmax and sparsemax, t = tau).
+// With dp = dout V^T every separation's score gradient has the form
+//   dz = g (dp - c),   c per query,
+//   softmax      g = p,                 c = sum_j p_j dp_j = dout . out
+//   polynomial   g = n p / z  (z > 0),  c = dout . out
+//   entmax       g = p^(2 - alpha) = [(alpha - 1) z - t]_+^(q - 1) (the support's indicator for
+//                sparsemax), c = sum_j g_j dp_j / sum_j g_j (the threshold moves with the scores)
+// and then dx = dz dz/dx, dK = dz^T dz/dK, dV = p^T dout. c needs a pass over the bank for entmax
+// (sum g V), otherwise it is free. The main pass runs tasks of (query group) x (bank split): each
+// task streams its split in tiles and its group in blocks, with one (block x tile) score buffer;
+// dx is summed over per-split partials and dK, dV over per-group partials, so no two tasks write
+// one element and the extra memory is O(splits B d + groups M (d + dv)), never O(B M).
+// Registered as hen_fast::retrieve_step_backward (CPU).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+namespace hen_fast {
+namespace {
+
+// The codes of retrieve_cpu.cpp and hen_fast/backends/cpu.py.
+enum Similarity : int64_t { kDot = 0, kL2 = 1, kManhattan = 2 };
+enum Separation : int64_t { kSoftmax = 0, kPolynomial = 1, kEntmax = 2 };
+
+constexpr int64_t kTile = 1024;
+constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kMinSplit = 2048;
+
+struct Problem {
+  at::Tensor x;          // (B, d) float32, contiguous
+  at::Tensor x_scaled;   // beta x (dot) or 2 beta x (l2): the forward's score operand
+  at::Tensor keys;       // (M, d) any float dtype
+  at::Tensor values;     // (M, dv) any float dtype
+  at::Tensor norms;      // (M,) -beta ||k||^2 in float32 for l2
+  at::Tensor grad_out;   // (B, dv) float32, contiguous
+  at::Tensor threshold;  // (B,) float32
+  at::Tensor shift;      // (B,) float32: c
+  double beta;
+  int64_t similarity;
+  int64_t separation;
+  double alpha;
+  double degree;
+};
+
+// -beta * sum_t |x_t - k_t| for a block of queries against a tile of keys.
+void manhattan_scores(const float* xs, int64_t rows, const float* ks, int64_t cols, int64_t d,
+                      float* out, int64_t out_stride, float scale) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* xi = xs + i * d;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float* k = ks + j * d;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t t = 0; t < d; ++t) sum += std::fabs(xi[t] - k[t]);
+      out[i * out_stride + j] = scale * sum;
+    }
+  }
+}
+
+// Scores of queries [r0, r1) against the float32 key tile `keys` (memories [m0, m1)).
+at::Tensor score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
+                      const at::Tensor& keys) {
+  if (p.similarity == kManhattan) {
+    auto z = at::empty({r1 - r0, m1 - m0}, at::kFloat);
+    manhattan_scores(p.x.data_ptr<float>() + r0 * p.x.size(1), r1 - r0, keys.data_ptr<float>(),
+                     m1 - m0, p.x.size(1), z.data_ptr<float>(), z.stride(0),
+                     static_cast<float>(-p.beta));
+    return z;
+  }
+  if (p.similarity == kL2) {
+    return at::addmm(p.norms.slice(0, m0, m1).unsqueeze(0), p.x_scaled.slice(0, r0, r1),
+                     keys.t());
+  }
+  return at::mm(p.x_scaled.slice(0, r0, r1), keys.t());
+}
+
+// (p, g) of a score tile for queries [r0, r1) (see the header for g).
+std::tuple<at::Tensor, at::Tensor> weights_and_slopes(const Problem& p, const at::Tensor& z,
+                                                      int64_t r0, int64_t r1) {
+  auto t = p.threshold.slice(0, r0, r1).unsqueeze(1);
+  if (p.separation == kSoftmax) {
+    auto weights = (z - t).exp_();
+    return {weights, weights};
+  }
+  if (p.separation == kPolynomial) {
+    // A row with no positive score has t = -inf and zero weights: t = +inf gives exp(-inf) = 0.
+    auto safe_t = at::where(at::isinf(t), at::full_like(t, std::numeric_limits<float>::infinity()), t);
+    auto positive = z > 0;
+    auto log_r = at::where(positive, z, at::ones_like(z)).log_();
+    auto weights = at::where(positive, (log_r * p.degree - safe_t).exp_(), at::zeros_like(z));
+    auto slopes = at::where(positive, (log_r * (p.degree - 1.0) - safe_t).exp_() * p.degree,
+                            at::zeros_like(z));
+    return {weights, slopes};
+  }
+  const double q = 1.0 / (p.alpha - 1.0);
+  auto excess = (z * static_cast<float>(p.alpha - 1.0) - t).clamp_min_(0.0);
+  if (q == 1.0) return {excess, (excess > 0).to(at::kFloat)};
+  return {excess.pow(q), excess.pow(q - 1.0)};
+}
+
+// The splits of the bank and the groups of queries, so that groups x splits gives every thread
+// work, splits first (they keep the dx partials small).
+struct Grid {
+  int64_t splits, split_size, groups, group_size;
+  Grid(int64_t rows, int64_t num_memories) {
+    const int64_t wanted = 2 * at::get_num_threads();
+    splits = std::max<int64_t>(1, std::min(wanted, num_memories / kMinSplit));
+    split_size = (num_memories + splits - 1) / splits;
+    const int64_t blocks = (rows + kQueryBlock - 1) / kQueryBlock;
+    groups = std::max<int64_t>(1, std::min((wanted + splits - 1) / splits, blocks));
+    group_size = ((blocks + groups - 1) / groups) * kQueryBlock;
+  }
+};
+
+// Runs fn(group, split, r0, r1, m0, m1, keys, values) for every (query block, bank tile), the
+// tiles of one (group, split) task in order on one thread; keys and values arrive as float32.
+template <typename Fn>
+void for_each_tile(const Problem& p, const Grid& grid, const Fn& fn) {
+  const int64_t rows = p.x.size(0), num_memories = p.keys.size(0);
+  at::parallel_for(0, grid.groups * grid.splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t group = task / grid.splits, split = task % grid.splits;
+      const int64_t g0 = group * grid.group_size, g1 = std::min(g0 + grid.group_size, rows);
+      const int64_t s0 = split * grid.split_size;
+      const int64_t s1 = std::min(s0 + grid.split_size, num_memories);
+      for (int64_t m0 = s0; m0 < s1; m0 += kTile) {
+        const int64_t m1 = std::min(m0 + kTile, s1);
+        auto keys = p.keys.slice(0, m0, m1).to(at::kFloat).contiguous();
+        auto values = p.values.slice(0, m0, m1).to(at::kFloat);
+        for (int64_t r0 = g0; r0 < g1; r0 += kQueryBlock) {
+          const int64_t r1 = std::min(r0 + kQueryBlock, g1);
+          fn(group, split, r0, r1, m0, m1, keys, values);
+        }
+      }
+    }
+  });
+}
+
+// c for entmax: sum_j g_j dp_j / sum_j g_j = dout . (sum_j g_j v_j) / sum_j g_j.
+at::Tensor entmax_shift(const Problem& p) {
+  const int64_t rows = p.x.size(0), dv = p.values.size(1);
+  Grid grid(rows, p.keys.size(0));
+  auto acc = at::zeros({grid.splits, rows, dv}, at::kFloat);
+  auto total = at::zeros({grid.splits, rows}, at::kFloat);
+  for_each_tile(p, grid, [&](int64_t, int64_t split, int64_t r0, int64_t r1, int64_t m0,
+                             int64_t m1, const at::Tensor& keys, const at::Tensor& values) {
+    auto z = score_tile(p, r0, r1, m0, m1, keys);
+    auto slopes = std::get<1>(weights_and_slopes(p, z, r0, r1));
+    acc[split].slice(0, r0, r1).addmm_(slopes, values);
+    total[split].slice(0, r0, r1).add_(slopes.sum(1));
+  });
+  return (acc.sum(0) * p.grad_out).sum(1) / total.sum(0);
+}
+
+// dx += -beta dz sign(x - k) and dK += beta dz^T sign(x - k), skipping zero score gradients
+// (most of them for sparse separations).
+void manhattan_grads(const Problem& p, const at::Tensor& dz, int64_t r0, int64_t r1,
+                     const at::Tensor& keys, float* grad_x, float* grad_keys) {
+  const int64_t d = p.x.size(1), cols = keys.size(0);
+  const float beta = static_cast<float>(p.beta);
+  const float* xs = p.x.data_ptr<float>();
+  const float* ks = keys.data_ptr<float>();
+  auto dz_c = dz.contiguous();
+  const float* dzs = dz_c.data_ptr<float>();
+  for (int64_t i = 0; i < r1 - r0; ++i) {
+    const float* xi = xs + (r0 + i) * d;
+    float* gxi = grad_x + i * d;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float w = beta * dzs[i * cols + j];
+      if (w == 0.f) continue;
+      const float* kj = ks + j * d;
+      float* gkj = grad_keys + j * d;
+#pragma omp simd
+      for (int64_t t = 0; t < d; ++t) {
+        const float sign = static_cast<float>((xi[t] > kj[t]) - (xi[t] < kj[t]));
+        gxi[t] -= w * sign;
+        gkj[t] += w * sign;
+      }
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_pass(const Problem& p) {
+  const int64_t rows = p.x.size(0), num_memories = p.keys.size(0);
+  const int64_t d = p.x.size(1), dv = p.values.size(1);
+  Grid grid(rows, num_memories);
+  auto grad_x = at::zeros({grid.splits, rows, d}, at::kFloat);
+  auto grad_keys = at::zeros({grid.groups, num_memories, d}, at::kFloat);
+  auto grad_values = at::zeros({grid.groups, num_memories, dv}, at::kFloat);
+  const double scale = p.similarity == kL2 ? 2.0 * p.beta : p.beta;
+  for_each_tile(p, grid, [&](int64_t group, int64_t split, int64_t r0, int64_t r1, int64_t m0,
+                             int64_t m1, const at::Tensor& keys, const at::Tensor& values) {
+    auto z = score_tile(p, r0, r1, m0, m1, keys);
+    auto [weights, slopes] = weights_and_slopes(p, z, r0, r1);
+    auto grad_out = p.grad_out.slice(0, r0, r1);
+    auto gx = grad_x[split].slice(0, r0, r1);
+    auto gk = grad_keys[group].slice(0, m0, m1);
+    grad_values[group].slice(0, m0, m1).addmm_(weights.t(), grad_out);
+    auto dz = at::mm(grad_out, values.t())  // dp
+                  .sub_(p.shift.slice(0, r0, r1).unsqueeze(1))
+                  .mul_(slopes);
+    if (p.similarity == kManhattan) {
+      manhattan_grads(p, dz, r0, r1, keys, gx.data_ptr<float>(), gk.data_ptr<float>());
+      return;
+    }
+    gx.addmm_(dz, keys, 1.0, scale);
+    gk.addmm_(dz.t(), p.x.slice(0, r0, r1), 1.0, scale);
+    if (p.similarity == kL2) {  // d(-||k||^2)/dk = -2k
+      gk.sub_(keys * (dz.sum(0) * static_cast<float>(scale)).unsqueeze(1));
+    }
+  });
+  return {grad_x.sum(0), grad_keys.sum(0), grad_values.sum(0)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> retrieve_step_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& keys,
+    const c10::optional<at::Tensor>& sq_norms, const at::Tensor& values, const at::Tensor& out,
+    const at::Tensor& threshold, double beta, int64_t similarity, int64_t separation,
+    double alpha, double degree) {
+  TORCH_CHECK(x.dim() == 2 && keys.dim() == 2 && values.dim() == 2 && grad_out.dim() == 2,
+              "retrieve_step_backward: 2-D inputs");
+  TORCH_CHECK(x.size(1) == keys.size(1) && keys.size(0) == values.size(0) &&
+                  grad_out.size(0) == x.size(0) && grad_out.size(1) == values.size(1) &&
+                  out.sizes() == grad_out.sizes() && threshold.numel() == x.size(0),
+              "retrieve_step_backward: shapes do not match");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "retrieve_step_backward: queries must be float32");
+  Problem p{x.contiguous(), at::Tensor(), keys, values, at::Tensor(),
+            grad_out.to(at::kFloat).contiguous(), threshold.to(at::kFloat).contiguous(),
+            at::Tensor(), beta, similarity, separation, alpha, degree};
+  p.x_scaled = p.x * (similarity == kL2 ? 2.0 * beta : beta);
+  if (similarity == kL2) {
+    auto norms = sq_norms.has_value() ? sq_norms->to(at::kFloat) : keys.to(at::kFloat).pow(2).sum(1);
+    p.norms = (norms * -beta).contiguous();
+  }
+  p.shift = separation == kEntmax ? entmax_shift(p) : (p.grad_out * out.to(at::kFloat)).sum(1);
+  auto [grad_x, grad_keys, grad_values] = backward_pass(p);
+  return {grad_x, grad_keys, grad_values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hen_fast, m) {
+  m.def(
+      "retrieve_step_backward(Tensor grad_out, Tensor x, Tensor keys, Tensor? sq_norms, "
+      "Tensor values, Tensor out, Tensor threshold, float beta, int similarity, int separation, "
+      "float alpha, float degree) -> (Tensor grad_x, Tensor grad_keys, Tensor grad_values)");
+}
+
+TORCH_LIBRARY_IMPL(hen_fast, CPU, m) {
+  m.impl("retrieve_step_backward", &retrieve_step_backward_cpu);
+}
+
+}  // namespace hen_fast
