@@ -1,0 +1,304 @@
+"""Train the small autoencoders hen_fast ships, and measure the retrieval setting each recalls best
+with.
+
+    nice -n 10 python scripts/train_autoencoders.py                 # train all four, then --tune
+    python scripts/train_autoencoders.py --models mnist-vq --steps 300
+    python scripts/train_autoencoders.py --tune                      # re-measure recommended only
+
+Models (diffusers classes, 3 blocks of (16, 32, 32) channels, 4 latent channels, downsampling by
+4): ``mnist-kl`` / ``mnist-vq`` on the train split of MNIST 5k (1x28x28 -> 4x7x7 latents) and
+``patches-kl`` / ``patches-vq`` on natural-image patches of the training photos (3x32x32 -> 4x8x8).
+Each writes ``hen_fast/encoders/weights/<name>.safetensors`` and ``<name>.json``: config, training
+set-up (seed, steps, batch size, learning rate, date, versions) and the reconstruction MSE on the
+disjoint eval split. ``--tune`` stores the eval split in a Hopfield network, recalls it from
+occluded and noisy cues over a grid of (similarity, beta, steps), and records the setting with the
+best exact recall in each json's ``recommended`` (and prints the one for raw pixels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+import hen_fast
+from hen_fast import datasets, encoders
+from hen_fast.encoders.shipped import WEIGHTS_DIR
+
+MODELS = {
+    "mnist-kl": ("mnist", "AutoencoderKL"),
+    "mnist-vq": ("mnist", "VQModel"),
+    "patches-kl": ("patches", "AutoencoderKL"),
+    "patches-vq": ("patches", "VQModel"),
+}
+DATA_SHAPES = {"mnist": (1, 28), "patches": (3, 32)}
+DATA_SOURCES = {
+    "mnist": "hen_fast.datasets.mnist5k('train')",
+    "patches": "hen_fast.datasets.natural_patches('train', size=32, stride=16), random flips",
+}
+NUM_CODES = 128  # per-position codebook of the VQ models: one-hot latents of 49 or 64 x 128
+KL_WEIGHT = 1e-6  # small, as for latent-diffusion autoencoders: reconstruction first
+DEAD_CODE_WINDOW = 50  # steps; codes unused for that long restart at a random encoder output
+EXACT_LATENT_ERROR = 0.05  # a recall is exact when its latent is this close (relative) to the truth
+BETA_GRID = [10.0**e for e in torch.arange(-4.0, 3.01, 0.5).tolist()]
+STEPS_GRID = (1, 3)
+
+
+def model_config(dataset: str, model_class: str) -> dict:
+    channels, size = DATA_SHAPES[dataset]
+    config = dict(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[16, 32, 32],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=size,
+        mid_block_add_attention=False,
+    )
+    if model_class == "VQModel":
+        config.update(num_vq_embeddings=NUM_CODES, vq_embed_dim=4)
+    return config
+
+
+def training_images(dataset: str, split: str) -> torch.Tensor:
+    if dataset == "mnist":
+        return datasets.mnist5k(split)[0]
+    # Overlapping patches (half-patch stride) give the small training photos set 4x the crops.
+    stride = 16 if split == "train" else None
+    return datasets.natural_patches(split, size=32, stride=stride)
+
+
+def restart_dead_codes(model, usage: torch.Tensor, latents: torch.Tensor, generator) -> int:
+    """Codes no position chose in the last window move to random current encoder outputs, so
+    short training still uses the whole codebook."""
+    dead = (usage == 0).nonzero().flatten()
+    if dead.numel() == 0:
+        return 0
+    flat = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    picks = torch.randint(0, flat.shape[0], (dead.numel(),), generator=generator)
+    model.quantize.embedding.weight.data[dead] = flat[picks]
+    return int(dead.numel())
+
+
+def train(name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+    import diffusers
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    dataset, model_class = MODELS[name]
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    config = model_config(dataset, model_class)
+    model = getattr(diffusers, model_class)(**config)
+    train_images = training_images(dataset, "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    usage = torch.zeros(NUM_CODES)
+    restarted = 0
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(range(steps), desc=f"train {name}", disable=None)
+    for step in bar:
+        index = torch.randint(0, train_images.shape[0], (batch_size,), generator=generator)
+        batch = train_images[index]
+        if dataset == "patches":  # photos have no preferred left/right
+            flip = torch.rand(batch_size, generator=generator) < 0.5
+            batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        target = batch * 2 - 1
+        if model_class == "AutoencoderKL":
+            posterior = model.encode(target).latent_dist
+            recon = model.decode(posterior.sample(generator=None)).sample
+            loss = F.mse_loss(recon, target) + KL_WEIGHT * posterior.kl().mean()
+        else:
+            latents = model.encode(target).latents
+            quantized, commit_loss, (_, _, codes) = model.quantize(latents)
+            recon = model.decode(quantized, force_not_quantize=True).sample
+            loss = F.mse_loss(recon, target) + commit_loss
+            usage += torch.bincount(codes.flatten(), minlength=NUM_CODES).float()
+            if (step + 1) % DEAD_CODE_WINDOW == 0 and step < 0.8 * steps:
+                restarted += restart_dead_codes(model, usage, latents, generator)
+                usage.zero_()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if bar.disable and step % 100 == 0:  # a log file gets a line now and then instead
+            print(f"{name} step {step} loss {loss.item():.4f}", flush=True)
+    seconds = time.perf_counter() - started
+    model.eval()
+
+    WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
+    weights_path = WEIGHTS_DIR / f"{name}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights_path))
+    channels, size = DATA_SHAPES[dataset]
+    record = {
+        "name": name,
+        "class": model_class,
+        "config": config,
+        "image_size": [size, size],
+        "channels": channels,
+        "training": {
+            "data": DATA_SOURCES[dataset],
+            "train_images": int(train_images.shape[0]),
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "schedule": "one-cycle AdamW",
+            "loss": "MSE on [-1, 1] pixels"
+            + (f" + {KL_WEIGHT} * KL" if model_class == "AutoencoderKL" else " + VQ commitment")
+            + (
+                f"; unused codes restarted every {DEAD_CODE_WINDOW} steps"
+                if model_class == "VQModel"
+                else ""
+            ),
+            "dead_codes_restarted": restarted if model_class == "VQModel" else None,
+            "seed": seed,
+            "seconds": round(seconds, 1),
+            "date": datetime.date.today().isoformat(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+    }
+    record_path = WEIGHTS_DIR / f"{name}.json"
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    record["eval"] = evaluate(name)
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def evaluate(name: str) -> dict:
+    """Reconstruction MSE (pixels in [0, 1]) on the whole eval split, for each latent kind."""
+    dataset, model_class = MODELS[name]
+    images = training_images(dataset, "eval")
+    kinds = ("quantized", "onehot") if model_class == "VQModel" else (None,)
+    result = {"eval_images": int(images.shape[0])}
+    for kind in kinds:
+        encoder = encoders.load(name, **({"latent": kind} if kind else {}))
+        recon = encoder.decode(encoder.encode(images))
+        per_image = (recon - encoder.prepare(images)).pow(2).flatten(1).mean(1)
+        key = f"recon_mse{'_' + kind if kind else ''}"
+        result[key] = float(per_image.mean())
+        result[key.replace("mse", "mse_worst")] = float(per_image.max())
+        result["latent_dim" + ("_" + kind if kind else "")] = encoder.latent_dim
+    return result
+
+
+def cues(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "lower_half_occluded": datasets.mask_lower_half(images)[0],
+        "noise_0.2": datasets.add_noise(images, 0.2, seed=1),
+    }
+
+
+def exact_recall(encoder, images: torch.Tensor) -> list[dict]:
+    """Store ``images``' latents, recall them from each kind of cue for every setting of the grid;
+    a recall counts as exact when its latent is within EXACT_LATENT_ERROR (relative) of the
+    truth's."""
+    memories = encoder.encode(images)
+    truth_norm = memories.norm(dim=1).clamp(min=1e-12)
+    rows = []
+    for cue_name, cue in cues(images).items():
+        queries = encoder.encode(cue)
+        for similarity in ("dot", "l2"):
+            for steps in STEPS_GRID:
+                for beta in BETA_GRID:
+                    recalled = hen_fast.retrieve(
+                        queries, memories, beta=beta, similarity=similarity, steps=steps
+                    )
+                    error = (recalled - memories).norm(dim=1) / truth_norm
+                    rows.append(
+                        dict(
+                            cue=cue_name,
+                            similarity=similarity,
+                            steps=steps,
+                            beta=beta,
+                            exact=float((error <= EXACT_LATENT_ERROR).float().mean()),
+                        )
+                    )
+    return rows
+
+
+def best_setting(rows: list[dict]) -> dict:
+    """The (similarity, steps, beta) with the best exact recall averaged over the cue kinds; among
+    settings within 0.5 points of it, the fewest steps and then the smallest beta (a beta just
+    large enough keeps the most room before scores overflow)."""
+    scores: dict[tuple, list[float]] = {}
+    for row in rows:
+        scores.setdefault((row["similarity"], row["steps"], row["beta"]), []).append(row["exact"])
+    means = {key: sum(v) / len(v) for key, v in scores.items()}
+    best = max(means.values())
+    near = [key for key, value in means.items() if value >= best - 0.005]
+    similarity, steps, beta = min(near, key=lambda k: (k[1], k[0] != "l2", k[2]))
+    return {
+        "beta": float(f"{beta:.4g}"),
+        "similarity": similarity,
+        "separation": "softmax",
+        "steps": steps,
+        "measured_exact_recall": round(means[(similarity, steps, beta)], 4),
+    }
+
+
+def tune(names: list[str]) -> None:
+    for name in names:
+        dataset, model_class = MODELS[name]
+        images = training_images(dataset, "eval")
+        record_path = WEIGHTS_DIR / f"{name}.json"
+        record = json.loads(record_path.read_text())
+        kinds = ("quantized", "onehot") if model_class == "VQModel" else ("kl",)
+        record["recommended"] = {}
+        for kind in kinds:
+            options = {"latent": kind} if model_class == "VQModel" else {}
+            rows = exact_recall(encoders.load(name, **options), images)
+            record["recommended"][kind] = best_setting(rows)
+            print(name, kind, record["recommended"][kind], flush=True)
+        record["recommended_measured_on"] = (
+            f"{images.shape[0]} eval images stored, recalled from lower-half-occluded and "
+            f"noise-0.2 cues; exact = recalled latent within {EXACT_LATENT_ERROR} relative error"
+        )
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    for dataset in ("mnist", "patches"):
+        images = training_images(dataset, "eval")
+        channels, size = DATA_SHAPES[dataset]
+        identity = encoders.load("identity", image_size=size, channels=channels)
+        print(f"identity ({dataset})", best_setting(exact_recall(identity, images)), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tune", action="store_true", help="only measure the recommended settings")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.tune:
+        for name in args.models:
+            record = train(name, args.steps, args.batch_size, args.lr, args.seed)
+            print(
+                name, json.dumps(record["eval"]), f"{record['training']['seconds']} s", flush=True
+            )
+    tune(args.models)
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.glob("*.safetensors"))
+    print(f"weights: {total / 2**20:.2f} MiB in {WEIGHTS_DIR}", flush=True)
+    print(f"({math.ceil(total / 2**10)} KiB)")
+
+
+if __name__ == "__main__":
+    main()
