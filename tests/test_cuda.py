@@ -1,0 +1,288 @@
+"""The CUDA backend (csrc/cuda) against hen_fast.reference, and its registration.
+
+The kernel tests need a CUDA device and an extension built with CUDA (marked ``gpu``; skipped
+elsewhere). Problems are drawn on the CPU, where the float64 oracle runs, and copied to the GPU in
+random layouts: contiguous, padded rows (16-byte aligned or not, so the vector loads' scalar tail
+and the scalar path both run), every other column, column-major; skipped entries hold NaN.
+"""
+
+import pytest
+import torch
+
+import hen_fast
+from hen_fast.backends import Request
+from hen_fast.backends import cuda as cuda_backend
+
+from helpers import (
+    COMBINATIONS,
+    check_against_reference,
+    combo_id,
+    combo_kwargs,
+    randint,
+    random_problem,
+    rel_err,
+)
+
+requires_kernel = pytest.mark.skipif(
+    not (torch.cuda.is_available() and cuda_backend.has_cuda_kernel()),
+    reason="needs a CUDA device and hen_fast._C built with CUDA",
+)
+
+
+def to_device(tensor: torch.Tensor, gen: torch.Generator, layout: str | None = None):
+    """The same values on the GPU in a random (or the given) layout; padding holds NaN."""
+    layout = layout or ["contiguous", "padded", "every_other", "column_major"][randint(gen, 0, 3)]
+    rows, cols = tensor.shape
+    if layout == "contiguous":
+        return tensor.to("cuda").contiguous()
+    if layout == "column_major":
+        return tensor.to("cuda").T.contiguous().T
+    if layout == "every_other":
+        width = 2 * cols
+    elif layout == "aligned_padded":  # rows 16-byte aligned for every dtype: vector loads
+        width = (cols + 15) // 16 * 16
+    else:
+        width = cols + randint(gen, 0, 9)
+    wide = torch.full((rows, width), float("nan"), dtype=tensor.dtype, device="cuda")
+    view = wide[:, ::2] if layout == "every_other" else wide[:, :cols]
+    view.copy_(tensor)
+    return view
+
+
+def poison_allocator():
+    """Fills free blocks of torch's caching allocator (small and large pools) with NaN, so an
+    output element the kernels forget to write shows as NaN."""
+    blocks = [
+        torch.full((n,), float("nan"), device="cuda") for n in (1 << 8, 1 << 12, 1 << 17, 1 << 24)
+    ]
+    del blocks
+
+
+def run_cuda(queries, memories, values, gen, **kwargs):
+    poison_allocator()
+    return hen_fast.retrieve(
+        to_device(queries, gen),
+        to_device(memories, gen),
+        None if values is None else to_device(values, gen),
+        backend="cuda",
+        return_info=True,
+        **kwargs,
+    )
+
+
+# -- registration: runs everywhere ---------------------------------------------------------
+
+
+def test_registered_but_never_picked_by_auto():
+    backend = cuda_backend.BACKEND
+    assert "cuda" in hen_fast.backends.registered_backends()
+    request = Request(torch.device("cuda"), (torch.float32,), False)
+    assert backend.refusal(request) is None
+    assert "auto does not pick it" in backend.refusal(request, auto=True)
+    assert "cuda" not in hen_fast.available_backends("cuda")
+
+
+def test_declines_what_it_cannot_compute():
+    assert "CUDA tensors" in cuda_backend.check(
+        Request(torch.device("cpu"), (torch.float32,), False)
+    )
+    float64 = Request(torch.device("cuda"), (torch.float32, torch.float64), False)
+    assert "float64" in cuda_backend.check(float64)
+    grad = Request(torch.device("cuda"), (torch.float32,), True)
+    assert "backward" in cuda_backend.check(grad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_named_without_a_gpu_raises_with_a_hint():
+    with pytest.raises(hen_fast.BackendUnavailableError, match="CUDA GPU"):
+        hen_fast.retrieve(torch.randn(2, 3), torch.randn(4, 3), backend="cuda")
+
+
+# -- kernels: a CUDA device and a CUDA build ------------------------------------------------
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_matches_reference(gen, combo, steps):
+    queries, memories, values = random_problem(
+        gen, dtype=torch.float32, same_dims=steps > 1, max_queries=70, max_memories=9000
+    )
+    values = None if steps > 1 else values
+    kwargs = dict(combo_kwargs(combo), steps=steps)
+    out, info = run_cuda(queries, memories, values, gen, **kwargs)
+    assert out.dtype == torch.float32 and out.is_cuda
+    check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["aligned_padded", "padded", "contiguous"])
+def test_vector_loads_with_a_tail(gen, bank_dtype, layout):
+    """d and dv odd, so never a multiple of a 16-byte piece: rows padded to 16 bytes take the
+    vector path plus a scalar tail; odd row strides (contiguous rows of odd d) the scalar path."""
+    dim, value_dim = randint(gen, 9, 31) | 1, randint(gen, 9, 45) | 1
+    queries = torch.randn(randint(gen, 1, 20), dim, generator=gen)
+    memories = torch.randn(randint(gen, 300, 4000), dim, generator=gen).to(bank_dtype)
+    values = torch.randn(memories.shape[0], value_dim, generator=gen).to(bank_dtype)
+    for separation in ("softmax", "sparsemax", "entmax"):
+        kwargs = dict(beta=0.5, separation=separation, similarity="l2")
+        out, info = hen_fast.retrieve(
+            to_device(queries, gen),
+            to_device(memories, gen, layout),
+            to_device(values, gen, layout),
+            backend="cuda",
+            return_info=True,
+            **kwargs,
+        )
+        expected = hen_fast.reference.naive_retrieve(queries, memories, values, **kwargs)
+        assert rel_err(out.cpu(), expected) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("separation", ["softmax", "polynomial", "sparsemax"])
+def test_wide_values_in_slabs(gen, bank_dtype, separation):
+    """More value columns than one launch accumulates (1024 float32 / 2048 16-bit, 256 when
+    misaligned): the bank is scored once per slab of columns."""
+    value_dim = 2100 if bank_dtype == torch.bfloat16 else randint(gen, 1030, 1500)
+    queries = torch.randn(randint(gen, 1, 9), 40, generator=gen)
+    memories = torch.randn(randint(gen, 100, 2000), 40, generator=gen).to(bank_dtype)
+    values = torch.randn(memories.shape[0], value_dim, generator=gen).to(bank_dtype)
+    kwargs = dict(beta=0.3, separation=separation)
+    out, info = run_cuda(queries, memories, values, gen, **kwargs)
+    check_against_reference(out.cpu().float(), info, queries, memories, values, **kwargs)
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize(
+    "separation, alpha", [("sparsemax", 1.5), ("entmax", 1.5), ("entmax", 1.3)]
+)
+@pytest.mark.parametrize("capacity", [1, 3, None])
+def test_sparse_overflow_falls_back_exactly(gen, separation, alpha, capacity):
+    """Tiny buffers overflow; with the default buffer, a small beta gives windows larger than the
+    2048 entries a block sorts, which overflow too. Newton passes over the bank finish them."""
+    queries, memories, values = random_problem(
+        gen, dtype=torch.float32, max_queries=20, max_memories=6000
+    )
+    memories = torch.cat([memories, torch.randn(3000, memories.shape[1], generator=gen)])
+    values = torch.cat([values, torch.randn(3000, values.shape[1], generator=gen)])
+    kwargs = dict(beta=0.01, similarity="dot", separation=separation, alpha=alpha)
+    out, info = cuda_backend.retrieve(
+        to_device(queries, gen),
+        to_device(memories, gen),
+        to_device(values, gen),
+        return_info=True,
+        capacity=capacity,
+        **kwargs,
+    )
+    assert int(info.support.max()) > (capacity or 2048)
+    check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[2] in (1.5, 1.25)], ids=combo_id)
+def test_steps_tol_and_clamp(gen, combo):
+    queries, memories, _ = random_problem(gen, dtype=torch.float32, same_dims=True)
+    mask = torch.rand(queries.shape[1], generator=gen) < 0.3
+    kwargs = dict(combo_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
+    out, info = run_cuda(queries, memories, None, gen, **kwargs)
+    check_against_reference(out.cpu(), info, queries, memories, None, **kwargs)
+    assert torch.equal(out.cpu()[:, mask], queries[:, mask])
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_half_precision_banks(gen, bank_dtype, combo):
+    queries, memories, values = random_problem(gen, max_queries=64, max_memories=3000)
+    memories, values = memories.to(bank_dtype), values.to(bank_dtype)
+    queries = queries.float()
+    out, info = run_cuda(queries, memories, values, gen, **combo_kwargs(combo))
+    expected = hen_fast.reference.naive_retrieve(queries, memories, values, **combo_kwargs(combo))
+    assert rel_err(out.cpu(), expected) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_many_queries_and_splits(gen):
+    """Past 64 queries (many query blocks) and banks over many splits."""
+    queries, memories, values = random_problem(
+        gen, dtype=torch.float32, max_queries=200, max_memories=40000
+    )
+    for separation in ("softmax", "entmax", "polynomial"):
+        kwargs = dict(beta=0.5, separation=separation)
+        out, info = cuda_backend.retrieve(
+            to_device(queries, gen),
+            to_device(memories, gen),
+            to_device(values, gen),
+            return_info=True,
+            capacity=randint(gen, 1, 300),
+            **kwargs,
+        )
+        check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_degenerate_shapes(gen):
+    for num_queries, num_memories, dim, value_dim in [(1, 1, 1, 1), (3, 1, 5, 2), (1, 7, 1, 1)]:
+        queries = torch.randn(num_queries, dim, generator=gen)
+        memories = torch.randn(num_memories, dim, generator=gen)
+        values = torch.randn(num_memories, value_dim, generator=gen)
+        for separation in ("softmax", "sparsemax", "entmax", "polynomial"):
+            out, info = run_cuda(queries, memories, values, gen, separation=separation)
+            check_against_reference(
+                out.cpu(), info, queries, memories, values, separation=separation
+            )
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_dimension_limit_is_a_clear_error():
+    queries, memories = torch.randn(2, 2049, device="cuda"), torch.randn(5, 2049, device="cuda")
+    with pytest.raises(ValueError, match="d <= 2048"):
+        hen_fast.retrieve(queries, memories, backend="cuda")
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_threads_calling_concurrently(gen):
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries, memories, values = (
+        t.cuda() for t in random_problem(gen, dtype=torch.float32, max_memories=5000)
+    )
+    kwargs = dict(beta=0.5, separation="sparsemax", similarity="l2")
+    expected = hen_fast.retrieve(queries, memories, values, backend="cuda", **kwargs)
+
+    def call(_):
+        out = hen_fast.retrieve(queries, memories, values, backend="cuda", **kwargs)
+        torch.cuda.current_stream().synchronize()
+        return out
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, range(8)))
+    # Deterministic: candidate windows are sorted with ties by index, reductions in fixed order.
+    assert all(torch.equal(r, expected) for r in results)
+
+
+@pytest.mark.gpu
+@requires_kernel
+def test_opcheck():
+    """Schema, fake (meta) kernel and dispatcher registration agree with the CUDA kernel."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=generator).cuda()
+    keys = torch.randn(700, 8, generator=generator).cuda()
+    values = torch.randn(700, 3, generator=generator).cuda()
+    norms = keys.pow(2).sum(1)
+    op = torch.ops.hen_fast.retrieve_step.default
+    for similarity, separation, alpha in [(0, 0, 2.0), (1, 2, 2.0), (2, 2, 1.5), (0, 1, 2.0)]:
+        args = (x, keys, norms if similarity == 1 else None, values, 0.5, similarity, separation)
+        torch.library.opcheck(op, (*args, alpha, 3.0, 64, True))
