@@ -1,12 +1,14 @@
-"""GPU benchmark of ``retrieve`` (the Triton backend) beside its baselines, against the roofline.
+"""GPU benchmark of ``retrieve`` (Triton and CUDA backends) beside baselines, against the roofline.
 
     python benchmarks/bench_retrieve_gpu.py                    # the full sweep, on a CUDA GPU
     python benchmarks/bench_retrieve_gpu.py --B 1 16 --M 1e6 --d 256 --dtypes bfloat16
     python benchmarks/bench_retrieve_gpu.py --smoke     # tiny shapes on the CPU (interpreter)
 
-For every (B, M, d, dtype, similarity, separation) it times hen_fast and, in the same run, torch
-eager on materialised scores (or "OOM"), torch.compile of it, scaled_dot_product_attention (dot,
-and l2 through augmented inputs) and the entmax package for the sparse separations. The ceilings
+For every (B, M, d, dtype, similarity, separation) it times hen_fast's triton backend, its cuda
+backend (``cuda_ms``, when the extension was built with CUDA: the measurements a dispatch rule
+between the two is to come from) and, in the same run, torch eager on materialised scores (or
+"OOM"), torch.compile of it, scaled_dot_product_attention (dot, and l2 through augmented inputs)
+and the entmax package for the sparse separations. The ceilings
 are measured in the same run: a large device-to-device copy (bandwidth) and a large bf16 matmul
 (tensor-core rate). Each record's roofline fraction is ``T_min / T`` with
 ``T_min = max(bytes / bandwidth, flops / matmul rate)``, ``bytes = (M (d + dv) + B (d + dv)) b``
@@ -100,7 +102,9 @@ def sdpa(queries, keys, values, beta, similarity):
     )[0, 0]
 
 
-def run_case(measure, device, B, M, d, dtype, similarity, separation, alpha, smoke, compiled):
+def run_case(
+    measure, device, B, M, d, dtype, similarity, separation, alpha, smoke, compiled, cuda_ready
+):
     import hen_fast
 
     generator = torch.Generator(device=device).manual_seed(0)
@@ -117,6 +121,10 @@ def run_case(measure, device, B, M, d, dtype, similarity, separation, alpha, smo
         check_finite=False,
     )
     ms = measure(lambda: hen_fast.retrieve(queries, keys, backend="triton", **args))
+    # The hand-written CUDA kernels beside Triton, on the same inputs (None where not built).
+    cuda_ms = None
+    if cuda_ready and d <= 2048:
+        cuda_ms = measure(lambda: hen_fast.retrieve(queries, keys, backend="cuda", **args))
     baselines = {"torch_eager": None, "torch_compile": None, "sdpa": None, "entmax": None}
     sparse = separation in ("sparsemax", "entmax")
     plain_alpha = 2.0 if separation == "sparsemax" else alpha
@@ -160,6 +168,8 @@ def run_case(measure, device, B, M, d, dtype, similarity, separation, alpha, smo
         "backend": "triton",
         "ms": ms,
         "gbps": moved / (ms * 1e-3) / 1e9,
+        "cuda_ms": cuda_ms,
+        "cuda_gbps": None if cuda_ms is None else moved / (cuda_ms * 1e-3) / 1e9,
         "tflops": flops / (ms * 1e-3) / 1e12,
         "bytes": moved,
         "flops": flops,
@@ -167,11 +177,14 @@ def run_case(measure, device, B, M, d, dtype, similarity, separation, alpha, smo
     }
 
 
-def roofline(record: dict, limits: dict) -> float:
+def roofline(record: dict, limits: dict, key: str = "ms") -> float | None:
+    """T_min / T for the time under ``key`` ("ms": triton, "cuda_ms": the cuda backend)."""
+    if record[key] is None:
+        return None
     t_min = max(
         record["bytes"] / limits["copy_bytes_per_s"], record["flops"] / limits["matmul_flops_per_s"]
     )
-    return t_min / (record["ms"] * 1e-3)
+    return t_min / (record[key] * 1e-3)
 
 
 def fits(device, B, M, d, dtype) -> bool:
@@ -258,6 +271,7 @@ def main(argv=None) -> int:
     import hen_fast
 
     measure = timer(args.smoke)
+    cuda_ready = device == "cuda" and hen_fast.backends.cuda.is_available()
     limits = ceilings(device, measure)
     name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu-{platform.machine()}"
     date = datetime.date.today().isoformat()
@@ -282,8 +296,11 @@ def main(argv=None) -> int:
         if time.monotonic() > deadline or not fits(device, *case[:4]):
             skipped += 1
             continue
-        record = run_case(measure, device, *case, smoke=args.smoke, compiled=compiled)
+        record = run_case(
+            measure, device, *case, smoke=args.smoke, compiled=compiled, cuda_ready=cuda_ready
+        )
         record["roofline_fraction"] = roofline(record, limits)
+        record["cuda_roofline_fraction"] = roofline(record, limits, "cuda_ms")
         records.append(record)
     result = {
         "device": name,
