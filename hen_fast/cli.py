@@ -14,17 +14,12 @@ from . import __version__, datasets
 from .api import retrieve
 from .backends import available_backends, registered_backends
 
-# Similarity, separation and the beta that suits pixel images in [0, 1] for it: scores of 784-pixel
-# digits differ by tens, so beta of a few makes the nearest memory dominate.
-DEMO_CONFIGS = [
-    (similarity, separation, beta)
-    for similarity, beta in (("dot", 5.0), ("l2", 2.0), ("manhattan", 2.0))
-    for separation in ("softmax", "sparsemax", "entmax")
-]
+# The shipped encoder the demo uses per data set: the first of these that is installed.
+DEMO_ENCODERS = {"mnist": ("mnist-vq", "mnist-kl"), "patches": ("patches-vq", "patches-kl")}
+DEMO_NOISE = 0.3  # standard deviation of the Gaussian noise on noisy cues (pixels in [0, 1])
 # Modules that add their own subcommands: each has ``add_commands(subparsers)`` and imports only
 # what parsing needs, so ``hen-fast --help`` stays fast.
 COMMAND_MODULES: tuple[str, ...] = ("hen_fast.experiments", "hen_fast.uhop.cli")
-EXACT_PIXEL_ERROR = 0.02  # a recall is exact when no pixel is off by more than this (about 5/255)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,18 +27,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"hen_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="recall MNIST digits from occluded cues on the CPU")
-    demo.add_argument("--memories", type=int, default=1000, help="digits stored (<= 5000)")
-    demo.add_argument(
-        "--mask",
-        choices=("half", "random"),
-        default="half",
-        help="hide the lower half of each cue, or half its pixels at random",
+    demo = commands.add_parser(
+        "demo",
+        help="HEN: store MNIST digits and natural-image patches, recall from occluded and noisy "
+        "cues (raw pixels vs a shipped encoder)",
     )
-    demo.add_argument("--backend", default="auto")
-    demo.add_argument("--seed", type=int, default=0, help="which digits are stored")
     demo.add_argument(
-        "--out", default="hen_fast_demo.png", help="PNG of cues and recalls ('' to skip)"
+        "--memories", type=int, default=500, help="images stored per data set (<= 1000)"
+    )
+    demo.add_argument(
+        "--data", nargs="+", choices=("mnist", "patches"), default=["mnist", "patches"]
+    )
+    demo.add_argument(
+        "--encoder", default=None, help="encoder name for every data set (default: shipped VQ)"
+    )
+    demo.add_argument("--noise", type=float, default=DEMO_NOISE, help="noisy cues' noise std")
+    demo.add_argument("--backend", default="auto")
+    demo.add_argument("--seed", type=int, default=0, help="which images are stored")
+    demo.add_argument(
+        "--out", default="hen_fast_demo.png", help="PNG of cues, recalls and truth ('' to skip)"
     )
     demo.set_defaults(run=run_demo)
 
@@ -64,101 +66,124 @@ def run_backends(args) -> int:
 
 
 def run_demo(args) -> int:
-    from tqdm import tqdm
+    from .experiments import common
 
-    images, _ = datasets.mnist5k()
-    if not 1 <= args.memories <= images.shape[0]:
-        print(f"--memories must lie in 1..{images.shape[0]}", file=sys.stderr)
+    limit = 1000  # MNIST has 1000 eval digits; the patches' eval photos give more
+    if not 1 <= args.memories <= limit:
+        print(f"--memories must lie in 1..{limit}", file=sys.stderr)
         return 2
-    generator = torch.Generator().manual_seed(args.seed)
-    stored = images[torch.randperm(images.shape[0], generator=generator)[: args.memories]]
-    masker = datasets.mask_lower_half if args.mask == "half" else datasets.mask_random
-    cues, _ = masker(stored)
-    memories, queries = stored.flatten(1), cues.flatten(1)
-    truth = torch.arange(memories.shape[0])
-
+    if not 0 <= args.noise <= 1:
+        print("--noise must lie in [0, 1]", file=sys.stderr)
+        return 2
     print(
-        f"hen_fast {__version__} demo: {memories.shape[0]} MNIST digits stored, recalled from "
-        f"cues with {'the lower half' if args.mask == 'half' else 'half the pixels'} hidden; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"hen_fast {__version__} demo: {args.memories} memories per data set, recalled from cues "
+        f"with the lower half hidden and from cues with Gaussian noise (std {args.noise}); torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
-    # One small call first: loading a compiled backend is a one-time cost, not the retrieval's.
-    retrieve(queries[:2], memories[:8], backend=args.backend)
-    rows, recalls = [], []
-    for similarity, separation, beta in tqdm(
-        DEMO_CONFIGS, desc="retrieving", file=sys.stderr, disable=None
-    ):
-        start = time.perf_counter()
-        out, info = retrieve(
-            queries,
-            memories,
-            beta=beta,
-            similarity=similarity,
-            separation=separation,
-            backend=args.backend,
-            return_info=True,
-        )
-        elapsed = time.perf_counter() - start
-        pixel_error = (out - memories).abs().amax(dim=1)
-        rows.append(
-            (
-                similarity,
-                separation,
-                beta,
-                100 * (pixel_error <= EXACT_PIXEL_ERROR).float().mean().item(),
-                100 * (info.argmax == truth).float().mean().item(),
-                ((out - memories) ** 2).mean().item(),
-                info.support.float().mean().item(),
-                1e3 * elapsed,
-            )
-        )
-        recalls.append(out)
-    header = ("similarity", "separation", "beta", "exact %", "nearest %", "MSE", "support", "ms")
-    print(_table(header, rows))
+    # One small call first: loading a compiled backend is a one-time cost, not the recall's.
+    retrieve(torch.zeros(2, 4), torch.ones(8, 4), backend=args.backend)
+    rows, blocks = [], []
+    for data in args.data:
+        images = common.load_images(data, args.memories, args.seed)
+        data_rows, panels = _demo_data_set(data, images, args)
+        rows += data_rows
+        blocks.append(common.image_grid(*zip(*panels)))
+    print(_table(rows))
     print(
-        f"exact: every pixel within {EXACT_PIXEL_ERROR} of the stored digit; nearest: the most "
-        "similar memory is the stored digit; support: memories with non-zero weight (softmax: "
-        "> 1e-6), mean over queries"
+        "exact: the recalled memory is the stored image the cue came from; MSE and 1-SSIM against "
+        "that image; known: recall told which cue pixels are real (occluded cues); seconds: "
+        "encode + retrieve + decode for all cues"
     )
     if args.out:
-        _save_grid(Path(args.out), stored, cues, recalls, [f"{s}/{p}" for s, p, _ in DEMO_CONFIGS])
+        _stack(blocks).save(Path(args.out))
         print(f"wrote {args.out}")
     return 0
 
 
-def _table(header, rows) -> str:
+def _demo_networks(data, images, args):
+    """(label, network) pairs: raw pixels, and the shipped encoder when installed."""
+    from . import encoders
+    from .experiments import common
+    from .hen import HopfieldEncodingNetwork
+
+    names = ["identity"]
+    present = set(encoders.available())
+    chosen = args.encoder or next((n for n in DEMO_ENCODERS[data] if n in present), None)
+    if chosen is None:
+        print(f"note: no shipped encoder for {data} is installed; showing raw pixels only")
+    elif chosen != "identity":
+        names.append(chosen)
+    networks = []
+    for name in names:
+        encoder = common.load_encoder(name, images)
+        network = HopfieldEncodingNetwork(encoder, backend=args.backend, progress=False)
+        network.store(images)
+        networks.append(("pixels" if name == "identity" else f"HEN {name}", network))
+    return networks
+
+
+def _demo_data_set(data, images, args):
+    """Table rows and PNG panels (images, label) for one data set."""
+    from . import metrics
+
+    occluded, known = datasets.mask_lower_half(images)
+    noisy = datasets.add_noise(images, args.noise, seed=args.seed + 1)
+    truth = torch.arange(images.shape[0])
+    rows, panels = [], [(images, f"{data}: truth")]
+    networks = _demo_networks(data, images, args)
+    for cue_name, cues, mask in (("occluded", occluded, known), ("noisy", noisy, None)):
+        panels.append((cues, f"{cue_name} cue"))
+        for label, network in networks:
+            for aware in (False, True) if mask is not None else (False,):
+                start = time.perf_counter()
+                recalled = network.recall(cues, known=mask if aware else None)
+                seconds = time.perf_counter() - start
+                indices = network.recall_indices(cues, known=mask if aware else None)
+                target = network.encoder.prepare(images)
+                name = label + (" + known" if aware else "")
+                rows.append(
+                    (
+                        data,
+                        cue_name,
+                        name,
+                        100 * metrics.exact_recall(indices.cpu(), truth),
+                        float(metrics.mse(recalled, target).mean()),
+                        float(metrics.one_minus_ssim(recalled, target).mean()),
+                        seconds,
+                    )
+                )
+                panels.append((recalled, name))
+    return rows, panels
+
+
+def _table(rows) -> str:
+    header = ("data", "cue", "method", "exact %", "MSE", "1-SSIM", "seconds")
     cells = [header] + [
-        (s, p, f"{b:g}", f"{e:.1f}", f"{n:.1f}", f"{m:.4f}", f"{k:.1f}", f"{t:.0f}")
-        for s, p, b, e, n, m, k, t in rows
+        (d, c, m, f"{e:.1f}", f"{mse:.4f}", f"{s:.4f}", f"{t:.2f}")
+        for d, c, m, e, mse, s, t in rows
     ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [
-        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        "  ".join(c.rjust(w) if i > 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
         for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _save_grid(path: Path, stored, cues, recalls, labels, columns: int = 12, scale: int = 2):
-    """A PNG: one column per example; rows stored digit, cue, then each configuration's recall."""
-    from PIL import Image, ImageDraw
+def _stack(blocks):
+    """The data sets' grids one under the other, on a white canvas."""
+    from PIL import Image
 
-    size = stored.shape[-1]
-    label_width = 150
-    panels = [stored, cues] + [r.reshape(stored.shape) for r in recalls]
-    names = ["stored", "cue"] + labels
-    count = min(columns, stored.shape[0])
-    canvas = Image.new("L", (label_width + count * size * scale, len(panels) * size * scale), 255)
-    draw = ImageDraw.Draw(canvas)
-    for row, (panel, name) in enumerate(zip(panels, names)):
-        draw.text((4, row * size * scale + size * scale // 2 - 6), name, fill=0)
-        for col in range(count):
-            pixels = (panel[col, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-            tile = Image.fromarray(255 - pixels, mode="L").resize((size * scale,) * 2)
-            canvas.paste(tile, (label_width + col * size * scale, row * size * scale))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    width = max(block.width for block in blocks)
+    canvas = Image.new(
+        "RGB", (width, sum(block.height for block in blocks) + 8 * len(blocks)), "white"
+    )
+    top = 0
+    for block in blocks:
+        canvas.paste(block, (0, top))
+        top += block.height + 8
+    return canvas
 
 
 if __name__ == "__main__":  # pragma: no cover

