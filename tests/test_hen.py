@@ -232,3 +232,23 @@ def test_hetero_bad_input(gen):
     assert len(net) == 0
     with pytest.raises(TypeError, match="text_encoder"):
         HeteroAssociativeNetwork(PoolEncoder(), object())
+
+
+@pytest.mark.parametrize("name", encoders.SHIPPED)
+def test_shipped_encoder_round_trip(name):
+    """The shipped autoencoders with their recommended settings: stored eval images come back
+    from themselves and from noisy copies."""
+    if name not in encoders.available():
+        pytest.skip(f"{name} weights are not installed")
+    if name.startswith("mnist"):
+        images = datasets.mnist5k("eval")[0][:40]
+    else:
+        images = datasets.natural_patches("eval", size=32, limit=40)
+    net = HopfieldEncodingNetwork(name)
+    net.store(images)
+    assert torch.equal(net.recall_indices(images), torch.arange(40))
+    noisy = datasets.add_noise(images, 0.1, seed=1)
+    assert (net.recall_indices(noisy) == torch.arange(40)).float().mean() >= 0.9
+    recalled = net.recall(images)
+    assert recalled.shape == (40, net.encoder.channels, *net.encoder.image_size)
+    assert bool(torch.isfinite(recalled).all())
