@@ -44,7 +44,7 @@ def baseline_retrieve(
     steps: int = 1,
     backend: str = "auto",
 ) -> Tensor:
-    """One baseline's retrieval of ``queries`` (B, d) from ``memories`` (M, d), ``steps`` updates."""
+    """A baseline's retrieval of ``queries`` (B, d) from ``memories`` (M, d): ``steps`` updates."""
     if name not in BASELINES:
         raise ValueError(f"name must be one of {tuple(BASELINES)}, got {name!r}")
     return hopfield_retrieve(

@@ -58,7 +58,8 @@ class FeatureMap(nn.Module):
         return F.normalize(features, dim=-1) if self.normalize else features
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, normalize={self.normalize}"
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, normalize={self.normalize}"
 
 
 def fit_feature_map(
