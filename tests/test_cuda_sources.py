@@ -3,6 +3,7 @@
 them; the torch binding beside them (retrieve_cuda.cpp) is syntax-checked against the installed
 torch's headers."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,11 +55,16 @@ def test_compiles_for_hopper_and_ampere(source, tmp_path):
 
 
 def cuda_include_dir() -> Path | None:
+    """The CUDA toolkit's headers: $CUDA_HOME, $CUDA_PATH, beside nvcc, or /usr/local/cuda."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return None
-    include = Path(nvcc).resolve().parents[1] / "include"
-    return include if (include / "cuda_runtime.h").exists() else None
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    roots += [Path(nvcc).resolve().parents[1], "/usr/local/cuda"]
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return Path(root) / "include"
+    return None
 
 
 @pytest.mark.slow
