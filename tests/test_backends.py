@@ -30,7 +30,7 @@ def temporary_backend():
     assert hen_fast.registered_backends() == BUILT_IN
 
 
-BUILT_IN = ("torch", "cpu", "triton")
+BUILT_IN = ("torch", "cpu", "triton", "cuda")
 
 
 def _auto_on_cpu():

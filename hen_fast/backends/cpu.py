@@ -39,8 +39,8 @@ def load_extension() -> bool:
             raise ImportError("hen_fast._C was not built")
         torch.ops.load_library(spec.origin)
     except (ImportError, OSError, RuntimeError) as error:
-        warnings.warn(f"hen_fast's compiled CPU kernels are not available ({error}); the torch "
-                      f"backend computes instead. {HINT}", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"hen_fast's compiled kernels (hen_fast._C) are not available ({error}); "
+                      f"the torch backend computes instead. {HINT}", RuntimeWarning, stacklevel=3)
         return False
     _register_fake()
     _register_autograd()
