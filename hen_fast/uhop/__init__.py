@@ -3,17 +3,17 @@
 
 from .baselines import BASELINES, baseline_retrieve
 from .feature_map import FeatureMap, fit_feature_map
+from .layer import UHopHopfieldLayer, fit_uhop
 from .loss import separation_loss
 from .retrieval import projected_bank, retrieve
-
-# The kernelized Hopfield layer (hen_fast/uhop/layer.py) is exported here once it exists:
-# from .layer import UHopHopfieldLayer
 
 __all__ = [
     "BASELINES",
     "FeatureMap",
+    "UHopHopfieldLayer",
     "baseline_retrieve",
     "fit_feature_map",
+    "fit_uhop",
     "projected_bank",
     "retrieve",
     "separation_loss",

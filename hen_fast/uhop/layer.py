@@ -203,7 +203,7 @@ def fit_uhop(
             kernel_opt.zero_grad()
             loss.backward()
             kernel_opt.step()
-            history["separation"].append(float(loss))
+            history["separation"].append(float(loss.detach()))
         batch = torch.randint(count, (min(batch_size, count),), generator=generator)
         loss = objective(model(inputs[batch]), targets[batch])
         model_opt.zero_grad()
@@ -211,7 +211,7 @@ def fit_uhop(
             kernel_opt.zero_grad()
         loss.backward()
         model_opt.step()
-        history["objective"].append(float(loss))
+        history["objective"].append(float(loss.detach()))
     return history
 
 

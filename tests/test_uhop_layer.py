@@ -1,0 +1,183 @@
+"""UHopHopfieldLayer (U-Hop Section 3) and fit_uhop (Algorithm 2)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hen_fast import reference
+from hen_fast.backends import cpu
+from hen_fast.uhop.layer import UHopHopfieldLayer, fit_uhop
+
+from helpers import randint, rel_err
+
+needs_cpu_kernel = pytest.mark.skipif(
+    not cpu.load_extension(), reason="the C++ extension is not built"
+)
+SEPARATIONS = [("softmax", 1.5), ("sparsemax", 1.5), ("entmax", 1.3)]
+
+
+def _layer(gen, separation="softmax", alpha=1.5, uhop=True, **kw):
+    dims = dict(
+        in_dim=randint(gen, 3, 9), hidden_dim=randint(gen, 2, 7), out_dim=randint(gen, 1, 5)
+    )
+    if uhop:
+        dims["feature_dim"] = randint(gen, 2, 8)
+    return UHopHopfieldLayer(
+        **dims, separation=separation, alpha=alpha, uhop=uhop, generator=gen, **kw
+    )
+
+
+@pytest.mark.parametrize("uhop", [True, False])
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS)
+def test_forward_is_the_kernelized_hopfield_update(gen, separation, alpha, uhop):
+    layer = _layer(gen, separation, alpha, uhop, beta=0.8).double()
+    queries = torch.randn(randint(gen, 1, 5), layer.in_dim, generator=gen, dtype=torch.float64)
+    memories = torch.randn(randint(gen, 2, 30), layer.in_dim, generator=gen, dtype=torch.float64)
+    phi = layer.feature_map if uhop else (lambda x: x)
+    if uhop:  # Phi is the normalised linear map
+        assert torch.allclose(
+            phi(memories).norm(dim=1), torch.ones(memories.shape[0], dtype=torch.float64)
+        )
+    expected = reference.naive_retrieve(
+        phi(queries) @ layer.query_proj.T,
+        phi(memories) @ layer.key_proj.T,
+        memories @ layer.value_proj.T,
+        beta=0.8,
+        separation=separation,
+        alpha=alpha,
+    )
+    assert rel_err(layer(queries, memories), expected) < 1e-12
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS)
+def test_fused_backward_gives_the_float64_parameter_gradients(gen, separation, alpha):
+    """float32 on the fused cpu kernels against a float64 copy on the torch backend."""
+    layer = _layer(gen, separation, alpha, backend="cpu", beta=2.0)
+    exact = copy.deepcopy(layer).double()
+    exact.backend = "torch"
+    queries = torch.randn(3, randint(gen, 1, 4), layer.in_dim, generator=gen)
+    memories = torch.randn(3, randint(gen, 2, 40), layer.in_dim, generator=gen)
+    upstream = torch.randn(3, queries.shape[1], layer.value_proj.shape[0], generator=gen)
+    (layer(queries, memories) * upstream).sum().backward()
+    (exact(queries.double(), memories.double()) * upstream.double()).sum().backward()
+    for (name, got), want in zip(layer.named_parameters(), exact.parameters()):
+        assert rel_err(got.grad, want.grad, floor=1e-3) < 1e-4, name
+
+
+def test_batched_memories_equal_one_call_per_sample(gen):
+    layer = _layer(gen).double()
+    queries = torch.randn(4, 2, layer.in_dim, generator=gen, dtype=torch.float64)
+    memories = torch.randn(4, 7, layer.in_dim, generator=gen, dtype=torch.float64)
+    batched = layer(queries, memories)
+    for n in range(4):
+        assert torch.equal(batched[n], layer(queries[n], memories[n]))
+
+
+def test_separation_loss_is_definition_3_1(gen):
+    """log mean_{u != v} exp(2t (K(u, v)^2 - 1)), K the normalised features' inner product, over
+    all rows (a batch of memory sets pooled); the gradient reaches the feature map only."""
+    layer = _layer(gen, t=1.5).double()
+    memories = torch.randn(3, 6, layer.in_dim, generator=gen, dtype=torch.float64)
+    loss = layer.separation_loss(memories)
+    phi = layer.feature_map(memories.reshape(-1, layer.in_dim))
+    gram = phi @ phi.T
+    pairs = ~torch.eye(gram.shape[0], dtype=torch.bool)
+    expected = torch.log(torch.exp(2 * 1.5 * (gram[pairs] ** 2 - 1)).mean())
+    assert abs(float(loss.detach()) - float(expected)) < 1e-10
+    loss.backward()
+    assert layer.feature_map.weight.grad is not None
+    assert all(p.grad is None for p in (layer.query_proj, layer.key_proj, layer.value_proj))
+
+
+class _Tiny(nn.Module):
+    """A CLS-free model: queries are the mean memory."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.hopfield, self.embed = layer, nn.Linear(layer.in_dim, layer.in_dim)
+
+    def memories(self, x):
+        return self.embed(x)
+
+    def forward(self, x):
+        memories = self.memories(x)
+        return self.hopfield(memories.mean(1, keepdim=True), memories).squeeze(1)
+
+
+@pytest.mark.parametrize("uhop", [True, False])
+def test_fit_uhop_alternates_the_two_stages(gen, uhop):
+    layer = _layer(gen, uhop=uhop)
+    model = _Tiny(layer)
+    inputs = torch.randn(40, 5, layer.in_dim, generator=gen)
+    targets = torch.randn(40, layer.value_proj.shape[0], generator=gen)
+    before = copy.deepcopy(model.state_dict())
+    history = fit_uhop(
+        model, layer, inputs, targets, nn.functional.mse_loss, model.memories, epochs=2,
+        inner_steps=3, batch_size=16, generator=gen, progress=False,
+    )  # fmt: skip
+    outer = 2 * math.ceil(40 / 16)
+    assert len(history["objective"]) == outer
+    assert len(history["separation"]) == (3 * outer if uhop else 0)
+    assert all(math.isfinite(v) for v in history["objective"] + history["separation"])
+    for name, value in model.state_dict().items():
+        assert not torch.equal(value, before[name]), name  # every parameter was trained
+
+
+def test_fit_uhop_leaves_the_feature_map_to_stage_one(gen):
+    """Without inner steps the objective's steps never move Phi."""
+    layer = _layer(gen)
+    model = _Tiny(layer)
+    weight = layer.feature_map.weight.detach().clone()
+    inputs = torch.randn(20, 4, layer.in_dim, generator=gen)
+    targets = torch.randn(20, layer.value_proj.shape[0], generator=gen)
+    fit_uhop(
+        model, layer, inputs, targets, nn.functional.mse_loss, model.memories, inner_steps=0,
+        batch_size=8, progress=False,
+    )  # fmt: skip
+    assert torch.equal(layer.feature_map.weight, weight)
+
+
+def test_bad_input_raises_naming_the_argument(gen):
+    with pytest.raises(ValueError, match="separation"):
+        UHopHopfieldLayer(4, separation="polynomial")
+    with pytest.raises(ValueError, match="alpha"):
+        UHopHopfieldLayer(4, separation="entmax", alpha=2.5)
+    with pytest.raises(ValueError, match="t must"):
+        UHopHopfieldLayer(4, t=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        UHopHopfieldLayer(4, beta=-1.0)
+    with pytest.raises(TypeError, match="in_dim"):
+        UHopHopfieldLayer(4.5)
+    layer = UHopHopfieldLayer(4)
+    with pytest.raises(ValueError, match="queries must have shape"):
+        layer(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="both be 2-D"):
+        layer(torch.randn(2, 4), torch.randn(1, 3, 4))
+    with pytest.raises(ValueError, match="same number of samples"):
+        layer(torch.randn(2, 1, 4), torch.randn(3, 3, 4))
+    with pytest.raises(TypeError, match="memories"):
+        layer(torch.randn(2, 4), torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        layer.separation_loss(torch.randn(1, 4))
+    with pytest.raises(ValueError, match="uhop=False"):
+        UHopHopfieldLayer(4, uhop=False).separation_loss(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="same, non-zero number"):
+        fit_uhop(layer, layer, torch.randn(3, 4), torch.randn(2, 4), nn.functional.mse_loss,
+                 lambda x: x)  # fmt: skip
+
+
+def test_digits_example_runs_both_ways():
+    from hen_fast.uhop.layer_example import digit_patches, digits_classification
+
+    images = torch.arange(2 * 64.0).reshape(2, 8, 8)
+    patches = digit_patches(images)
+    assert patches.shape == (2, 16, 4)
+    assert patches[0, 1].tolist() == [2.0, 3.0, 10.0, 11.0]  # the second 2x2 block of row 0
+    for uhop in (True, False):
+        result = digits_classification(uhop, epochs=1, max_samples=100, progress=False)
+        assert 0.0 <= result["test_accuracy"] <= 1.0
+        assert (result["separation_loss"] is not None) == uhop
