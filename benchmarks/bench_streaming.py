@@ -82,9 +82,13 @@ def main() -> None:
         benchmark="streaming",
         date=date,
         shape=dict(M=args.M, d=args.d, B=args.B, dtype="float32", chunk_bytes=cap),
-        machine=dict(platform=platform.platform(), processor=platform.processor(),
-                     cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
-                     load_average=os.getloadavg()),  # fmt: skip
+        machine=dict(
+            platform=platform.platform(),
+            processor=platform.processor(),
+            cpu_count=os.cpu_count(),
+            torch_threads=torch.get_num_threads(),
+            load_average=os.getloadavg(),
+        ),  # fmt: skip
         versions=dict(torch=torch.__version__, hen_fast=hen_fast.__version__),
         backends=list(hen_fast.available_backends("cpu")),
         records=records,
