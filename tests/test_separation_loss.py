@@ -3,7 +3,11 @@ float64 reference, gradients, underflow, memory, bad input."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -164,6 +168,49 @@ def test_triton_refuses_float64_and_cpu_without_the_interpreter(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError):
             separation_loss(torch.randn(4, 3), backend="triton")
+
+
+COMPILE_SCRIPT = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from hen_fast.backends.triton.separation_loss import _pair_stats_kernel as kernel
+
+types = {"arg_ptr": "*i64", "t": "fp32"}
+signature = {
+    p.name: "constexpr" if p.is_constexpr
+    else types.get(p.name, "*fp32" if p.name.endswith("_ptr") else "i32")
+    for p in kernel.params
+}
+for arch, want_sum, want_acc in ((90, True, True), (80, True, True), (90, False, False)):
+    constants = dict(WANT_SUM=want_sum, WANT_ACC=want_acc, BLOCK_I=64, BLOCK_J=64,
+                     BLOCK_D=32, BLOCK_DV=256, PRECISION="ieee")
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items()}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    done = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+    print(json.dumps(dict(arch=arch, cubin=bool(done.asm.get("cubin")),
+                          shared=done.metadata.shared)))
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernel_compiles_for_hopper_and_ampere():
+    """The interpreter misses what only the compiler checks; compile the GPU launch forms (the
+    loss and gradient on both, the loss-free statistics for the max loss) to sm_90 and sm_80
+    cubins."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(results) == 3 and all(r["cubin"] for r in results)
+    assert max(r["shared"] for r in results) <= 163 * 1024  # fits an A100 (and an H100)
 
 
 def test_extra_memory_is_far_below_the_pair_count():
