@@ -353,13 +353,18 @@ class HeteroAssociativeNetwork:
 
     def recall(self, captions) -> Tensor:
         """Images ``(N, channels, *image_size)`` recalled from captions alone."""
-        state, _ = self._recall_state(captions)
-        latents = state[:, : self.encoder.latent_dim] / self.image_scale
-        return self.encoder.decode(latents, batch_size=self.images.batch_size, progress=False)
+        return self.recall_with_indices(captions)[0]
 
     def recall_indices(self, captions) -> Tensor:
         """``(N,)`` index of the memory each caption's final state is most similar to."""
         return self._recall_state(captions)[1].argmax
+
+    def recall_with_indices(self, captions) -> tuple[Tensor, Tensor]:
+        """``recall`` and ``recall_indices`` from one pass (captions embedded once)."""
+        state, info = self._recall_state(captions)
+        latents = state[:, : self.encoder.latent_dim] / self.image_scale
+        images = self.encoder.decode(latents, batch_size=self.images.batch_size, progress=False)
+        return images, info.argmax
 
     def _embed(self, captions: list[str]) -> Tensor:
         embedded = self.text_encoder.encode(captions)

@@ -201,6 +201,9 @@ def test_hetero_recall_by_caption(gen):
         parts = net.memories[:5].split([net.encoder.latent_dim, 24], 1)
         assert [float(p.norm(dim=1).mean()) for p in parts] == pytest.approx([1.0, 1.0])
         assert torch.equal(net.recall_indices(captions), torch.arange(count))
+        images_back, indices = net.recall_with_indices(captions)
+        assert torch.equal(indices, torch.arange(count))
+        assert torch.equal(images_back, net.recall(captions))
         expected = net.encoder.decode(net.encoder.encode(images))
         assert rel_err(net.recall(captions), expected) < 1e-4
 

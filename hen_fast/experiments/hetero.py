@@ -197,8 +197,7 @@ def run_hetero(args) -> int:
 
 
 def _measure(network, captions, reference) -> dict:
-    (recalled, seconds) = common.timed(network.recall, captions)
-    indices = network.recall_indices(captions)
+    (recalled, indices), seconds = common.timed(network.recall_with_indices, captions)
     return {**common.recall_scores(recalled, indices, reference), "seconds": seconds}
 
 
