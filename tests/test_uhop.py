@@ -174,6 +174,21 @@ def test_other_experiments_write_json_and_png(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "argv",
+    [
+        ["uhop-capacity", "--sizes", "1"],
+        ["uhop-capacity", "--sizes", "10", "20", "--repeats", "1", "2", "3"],
+        ["uhop-noise", "--repeats", "0"],
+        ["uhop-iterations", "--checkpoints", "0"],
+        ["uhop-loss-error", "--size", "1"],
+    ],
+)
+def test_experiment_commands_reject_bad_counts(argv, capsys):
+    assert cli.main(argv) == 2
+    assert "--" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "kwargs, error, match",
     [
         (dict(t=0.0), ValueError, "t must be"),

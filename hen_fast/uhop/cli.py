@@ -72,9 +72,9 @@ def _finish(result, args) -> int:
     return 0
 
 
-def _positive(name, values) -> bool:
-    if any(v < 1 for v in values):
-        print(f"--{name} must be >= 1, got {values}", file=sys.stderr)
+def _positive(name, values, minimum: int = 1) -> bool:
+    if any(v < minimum for v in values):
+        print(f"--{name} must be >= {minimum}, got {values}", file=sys.stderr)
         return False
     return True
 
@@ -85,7 +85,7 @@ def _run_capacity(args) -> int:
     if len(args.repeats) not in (1, len(args.sizes)):
         print("--repeats takes one number or one per size", file=sys.stderr)
         return 2
-    if not (_positive("sizes", args.sizes) and _positive("repeats", args.repeats)):
+    if not (_positive("sizes", args.sizes, 2) and _positive("repeats", args.repeats)):
         return 2
     repeats = args.repeats[0] if len(args.repeats) == 1 else args.repeats
     result = experiments.capacity(
@@ -98,6 +98,8 @@ def _run_noise(args) -> int:
     from . import experiments
 
     levels = args.levels or list(experiments.PAPER_NOISE_LEVELS)
+    if not (_positive("size", [args.size], 2) and _positive("repeats", [args.repeats])):
+        return 2
     result = experiments.noise(
         args.dataset,
         args.size,
@@ -115,7 +117,11 @@ def _run_iterations(args) -> int:
     from . import experiments
 
     checkpoints = args.checkpoints or list(experiments.PAPER_ITERATIONS)
-    if not _positive("checkpoints", checkpoints):
+    if not (
+        _positive("checkpoints", checkpoints)
+        and _positive("size", [args.size], 2)
+        and _positive("repeats", [args.repeats])
+    ):
         return 2
     result = experiments.iterations(
         args.dataset, args.size, checkpoints, args.repeats, t=args.t, lr=args.lr, beta=args.beta
@@ -126,6 +132,12 @@ def _run_iterations(args) -> int:
 def _run_loss_error(args) -> int:
     from . import experiments
 
+    if not (
+        _positive("size", [args.size], 2)
+        and _positive("runs", [args.runs])
+        and _positive("max-steps", [args.max_steps])
+    ):
+        return 2
     result = experiments.loss_vs_error(
         args.dataset, args.size, args.runs, max_steps=args.max_steps, t=args.t, beta=args.beta
     )
