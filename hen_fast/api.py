@@ -146,10 +146,31 @@ def retrieve(
         )  # fmt: skip
     else:
         out, info = impl.retrieve(args.queries2d, memories, values, **kwargs)
+        if check_finite and separation in ("sparsemax", "entmax") and not _all_finite(out):
+            out, info = _sparse_in_float64(args.queries2d, memories, values, out.dtype, kwargs)
     if args.single:
         out = out.squeeze(0)
         info = None if info is None else info.squeeze()
     return (out, info) if return_info else out
+
+
+def _sparse_in_float64(queries, memories, values, dtype, kwargs):
+    """Recomputes a sparse retrieval in float64 (torch backend) when the float32 one came out
+    non-finite from finite inputs: once scores reach ~1e7 the threshold gap ``x - tau`` cancels in
+    float32 and every weight is 0. Rare (scores that large), so the cost is accepted; it warns."""
+    import warnings
+
+    from . import reference
+
+    warnings.warn(
+        "sparse threshold lost to float32 cancellation (scores of magnitude ~1e7 or more); "
+        "recomputed in float64. Lower beta or pass float64 inputs to avoid the second pass.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    wide = [None if t is None else t.to(torch.float64) for t in (queries, memories, values)]
+    out, info = reference.retrieve(*wide, **kwargs)
+    return out.to(dtype), info
 
 
 @dataclass(frozen=True)
