@@ -46,7 +46,8 @@ NUM_CODES = 128  # per-position codebook of the VQ models: one-hot latents of 49
 KL_WEIGHT = 1e-6  # small, as for latent-diffusion autoencoders: reconstruction first
 DEAD_CODE_WINDOW = 50  # steps; codes unused for that long restart at a random encoder output
 EXACT_LATENT_ERROR = 0.05  # a recall is exact when its latent is this close (relative) to the truth
-BETA_GRID = [10.0**e for e in torch.arange(-4.0, 3.01, 0.5).tolist()]
+BETA_GRID = [10.0**e for e in torch.arange(-2.0, 5.01, 0.5).tolist()]
+TUNE_IMAGES = 300  # eval images stored when measuring the recommended settings (CPU time)
 STEPS_GRID = (1, 3)
 
 
@@ -232,10 +233,11 @@ def exact_recall(encoder, images: torch.Tensor) -> list[dict]:
     return rows
 
 
-def best_setting(rows: list[dict]) -> dict:
-    """The (similarity, steps, beta) with the best exact recall averaged over the cue kinds; among
-    settings within 0.5 points of it, the fewest steps and then the smallest beta (a beta just
-    large enough keeps the most room before scores overflow)."""
+def best_setting(rows: list[dict]) -> tuple[dict, float]:
+    """The (similarity, steps, beta) with the best exact recall averaged over the cue kinds, as
+    ``retrieve`` keyword arguments, and that recall. Among settings within 0.5 points of the best:
+    the fewest steps, then l2, then the smallest beta (just large enough keeps the most room
+    before scores saturate)."""
     scores: dict[tuple, list[float]] = {}
     for row in rows:
         scores.setdefault((row["similarity"], row["steps"], row["beta"]), []).append(row["exact"])
@@ -243,38 +245,41 @@ def best_setting(rows: list[dict]) -> dict:
     best = max(means.values())
     near = [key for key, value in means.items() if value >= best - 0.005]
     similarity, steps, beta = min(near, key=lambda k: (k[1], k[0] != "l2", k[2]))
-    return {
+    setting = {
         "beta": float(f"{beta:.4g}"),
         "similarity": similarity,
         "separation": "softmax",
         "steps": steps,
-        "measured_exact_recall": round(means[(similarity, steps, beta)], 4),
     }
+    return setting, round(means[(similarity, steps, beta)], 4)
 
 
 def tune(names: list[str]) -> None:
     for name in names:
         dataset, model_class = MODELS[name]
-        images = training_images(dataset, "eval")
+        images = training_images(dataset, "eval")[:TUNE_IMAGES]
         record_path = WEIGHTS_DIR / f"{name}.json"
         record = json.loads(record_path.read_text())
         kinds = ("quantized", "onehot") if model_class == "VQModel" else ("kl",)
-        record["recommended"] = {}
+        record["recommended"], record["recommended_exact_recall"] = {}, {}
         for kind in kinds:
             options = {"latent": kind} if model_class == "VQModel" else {}
-            rows = exact_recall(encoders.load(name, **options), images)
-            record["recommended"][kind] = best_setting(rows)
-            print(name, kind, record["recommended"][kind], flush=True)
+            setting, recall = best_setting(exact_recall(encoders.load(name, **options), images))
+            record["recommended"][kind] = setting
+            record["recommended_exact_recall"][kind] = recall
+            print(name, kind, setting, "exact recall", recall, flush=True)
         record["recommended_measured_on"] = (
             f"{images.shape[0]} eval images stored, recalled from lower-half-occluded and "
-            f"noise-0.2 cues; exact = recalled latent within {EXACT_LATENT_ERROR} relative error"
+            f"noise-0.2 cues; exact = recalled latent within {EXACT_LATENT_ERROR} relative error; "
+            f"grid: similarity dot/l2, steps {STEPS_GRID}, beta 10^-2..10^5 by half decades"
         )
         record_path.write_text(json.dumps(record, indent=2) + "\n")
     for dataset in ("mnist", "patches"):
-        images = training_images(dataset, "eval")
+        images = training_images(dataset, "eval")[:TUNE_IMAGES]
         channels, size = DATA_SHAPES[dataset]
         identity = encoders.load("identity", image_size=size, channels=channels)
-        print(f"identity ({dataset})", best_setting(exact_recall(identity, images)), flush=True)
+        setting, recall = best_setting(exact_recall(identity, images))
+        print(f"identity ({dataset})", setting, "exact recall", recall, flush=True)
 
 
 def main() -> None:
@@ -284,7 +289,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true", help="only measure the recommended settings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
