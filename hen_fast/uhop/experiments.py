@@ -30,6 +30,7 @@ DATASETS = ("mnist", "patches")
 PAPER_SIZES = (10, 20, 30, 50, 100, 200, 500)
 PAPER_NOISE_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 1.0, 1.2, 1.4, 2.0)
 PAPER_ITERATIONS = (1, 10, 20, 50, 100, 200, 500, 1000)
+PLOT_FLOOR = 1e-4
 
 
 def load_patterns(dataset: str) -> torch.Tensor:
@@ -353,23 +354,30 @@ def plot(result: dict, path: Path) -> None:
             if model.startswith("uhop_over"):
                 continue
             xs = sorted(by_x, key=float)
-            mean = [by_x[x]["mean"] for x in xs]
-            std = [by_x[x]["std"] for x in xs]
-            ax.errorbar(
-                [float(x) for x in xs],
-                mean,
-                yerr=std,
+            mean = torch.tensor([by_x[x]["mean"] for x in xs])
+            std = torch.tensor([by_x[x]["std"] for x in xs])
+            at = [float(x) for x in xs]
+            # A log axis: errors below PLOT_FLOOR (exact recalls) are drawn at it.
+            line = ax.plot(
+                at,
+                mean.clamp(min=PLOT_FLOOR),
                 marker="o",
                 ms=3,
-                capsize=2,
-                lw=2.2 if model == "uhop" else 1.0,
                 label=model,
+                lw=2.2 if model == "uhop" else 1.0,
+            )[0]
+            ax.fill_between(
+                at,
+                (mean - std).clamp(min=PLOT_FLOOR),
+                (mean + std).clamp(min=PLOT_FLOOR),
+                color=line.get_color(),
+                alpha=0.12,
             )
         if kind in ("capacity", "iterations"):
             ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_yscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("sum-of-squares error (mean +- std over repeats)")
+        ax.set_ylabel(f"sum-of-squares error, mean +- std (floor {PLOT_FLOOR:g})")
         ax.legend(fontsize=8)
     settings = result["settings"]
     ax.set_title(
