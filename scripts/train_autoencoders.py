@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,8 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
         index = torch.randint(0, train_images.shape[0], (batch_size,), generator=generator)
         batch = train_images[index]
         if dataset == "patches":  # photos have no preferred left/right
+            # (Random colour-channel orders, tried against the tint the training photos' reds give
+            # eval reconstructions, raised the eval MSE from 0.007 to 0.019 at 800 steps.)
             flip = torch.rand(batch_size, generator=generator) < 0.5
             batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
         target = batch * 2 - 1
@@ -282,6 +285,39 @@ def tune(names: list[str]) -> None:
         print(f"identity ({dataset})", setting, "exact recall", recall, flush=True)
 
 
+def reconstruction_figure(path: Path, count: int = 8) -> None:
+    """A PNG grid: for each shipped model, eval images (top) over their reconstructions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(MODELS)
+    figure, axes = plt.subplots(2 * len(names), count, figsize=(count, 2 * len(names) + 0.5))
+    for row, name in enumerate(names):
+        dataset, _ = MODELS[name]
+        encoder = encoders.load(name)
+        evaluation = training_images(dataset, "eval")
+        spread = torch.linspace(0, evaluation.shape[0] - 1, count).long()  # MNIST is by label
+        images = encoder.prepare(evaluation[spread])
+        recon = encoder.decode(encoder.encode(images))
+        mse = float((recon - images).pow(2).mean())
+        for column in range(count):
+            for offset, picture in enumerate((images, recon)):
+                axis = axes[2 * row + offset, column]
+                shown = picture[column].permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
+                axis.imshow(shown, cmap="gray" if shown.ndim == 2 else None, vmin=0, vmax=1)
+                axis.set_xticks([])
+                axis.set_yticks([])
+        axes[2 * row, 0].set_ylabel("eval", fontsize=8)
+        axes[2 * row + 1, 0].set_ylabel(f"{name}\nMSE {mse:.4f}", fontsize=8)
+    figure.suptitle("Shipped autoencoders on eval images (never trained on)", fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    print(f"wrote {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -291,8 +327,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true", help="only measure the recommended settings")
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        default=None,
+        help="only write a PNG of eval images and their reconstructions (e.g. "
+        "results/encoders/reconstructions.png)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.figure is not None:
+        reconstruction_figure(args.figure)
+        return
     if not args.tune:
         for name in args.models:
             record = train(name, args.steps, args.batch_size, args.lr, args.seed)
