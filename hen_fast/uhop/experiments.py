@@ -373,6 +373,14 @@ def plot(result: dict, path: Path) -> None:
                 color=line.get_color(),
                 alpha=0.12,
             )
+        if kind == "iterations":  # the loss Stage I minimises, beside the error (Fig. 8)
+            by_steps: dict = {}
+            for rec in result["records"]:
+                by_steps.setdefault(rec["steps"], []).append(rec["loss"])
+            steps = sorted(by_steps)
+            loss_axis = ax.twinx()
+            loss_axis.plot(steps, [_mean(by_steps[n]) for n in steps], "k--", lw=1)
+            loss_axis.set_ylabel("separation loss (dashed)")
         if kind in ("capacity", "iterations"):
             ax.set_xscale("log")
         ax.set_yscale("log")
