@@ -72,6 +72,11 @@ def check_gradients(backend, queries, memories, values, *, gen, device="cpu", fl
         error, ref_error = rel_err(got.cpu(), want, floor), rel_err(ref, want, floor)
         steps = kw.get("steps", 1)
         bound = 2 * ref_error + 2e-6 if steps == 1 else 1e-4
+        if kw.get("separation") == "entmax" and kw.get("alpha", 1.5) > 1.5:
+            # The slope p^(2 - alpha) = [x - tau]_+^(q - 1) has q - 1 < 1: its derivative is
+            # infinite at the threshold, so memories just above it amplify the last bits of
+            # their scores (a different summation order than torch's); measured up to ~3e-5.
+            bound = 1e-4
         assert error <= bound and error < 1e-4, (name, error, ref_error)
         errors.append(error)
     return errors
