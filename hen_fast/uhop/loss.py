@@ -68,7 +68,9 @@ def separation_loss(
     if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"block must be a positive int, got {block!r}")
     row_stats = _select_backend(backend, features)
-    return _SeparationLoss.apply(features, t, reduction, row_stats, int(block))
+    # Under no_grad (or for a constant input) the forward pass skips the gradient's accumulator.
+    need_grad = torch.is_grad_enabled() and features.requires_grad
+    return _SeparationLoss.apply(features, t, reduction, row_stats, int(block), need_grad)
 
 
 def _check_features(features) -> None:
@@ -132,10 +134,9 @@ def _select_backend(backend: str, features: Tensor):
 
 class _SeparationLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, features, t, reduction, row_stats, block):
+    def forward(ctx, features, t, reduction, row_stats, block, need_grad):
         dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
         z = features.detach().to(dtype)
-        need_grad = features.requires_grad
         loss, grad = _loss_and_grad(z, t, reduction, row_stats, block, need_grad)
         ctx.save_for_backward(grad if need_grad else None)
         ctx.input_dtype = features.dtype
@@ -145,7 +146,8 @@ class _SeparationLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output.to(grad.dtype)).to(ctx.input_dtype), None, None, None, None
+        grad_features = (grad * grad_output.to(grad.dtype)).to(ctx.input_dtype)
+        return grad_features, None, None, None, None, None
 
 
 def _loss_and_grad(z: Tensor, t: float, reduction: str, row_stats, block: int, need_grad: bool):
