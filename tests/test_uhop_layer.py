@@ -9,7 +9,7 @@ from torch import nn
 
 from hen_fast import reference
 from hen_fast.backends import cpu
-from hen_fast.uhop.layer import UHopHopfieldLayer, fit_uhop
+from hen_fast.uhop.layer import UHopHopfieldLayer, batched_retrieve, fit_uhop
 
 from helpers import randint, rel_err
 
@@ -68,13 +68,108 @@ def test_fused_backward_gives_the_float64_parameter_gradients(gen, separation, a
         assert rel_err(got.grad, want.grad, floor=1e-3) < 1e-4, name
 
 
-def test_batched_memories_equal_one_call_per_sample(gen):
-    layer = _layer(gen).double()
-    queries = torch.randn(4, 2, layer.in_dim, generator=gen, dtype=torch.float64)
-    memories = torch.randn(4, 7, layer.in_dim, generator=gen, dtype=torch.float64)
-    batched = layer(queries, memories)
-    for n in range(4):
-        assert torch.equal(batched[n], layer(queries[n], memories[n]))
+def _sample_set(gen, layer, dtype, samples=None):
+    n, b, m = samples or randint(gen, 2, 5), randint(gen, 1, 4), randint(gen, 2, 19)
+    queries = torch.randn(n, b, layer.in_dim, generator=gen, dtype=dtype)
+    memories = torch.randn(n, m, layer.in_dim, generator=gen, dtype=dtype)
+    upstream = torch.randn(n, b, layer.value_proj.shape[0], generator=gen, dtype=dtype)
+    return queries, memories, upstream
+
+
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS + [("entmax", 1.5), ("entmax", 1.8)])
+def test_batched_retrieve_equals_the_reference_per_sample(gen, separation, alpha):
+    """float64: one batched pass against one reference.retrieve call per sample, forward and the
+    gradients of queries, keys and values (beta large enough that the sparse maps are sparse)."""
+    n, b, m, h, dv = 3, randint(gen, 2, 5), randint(gen, 5, 23), randint(gen, 3, 7), 3
+    leaves = [
+        torch.randn(n, rows, cols, generator=gen, dtype=torch.float64).requires_grad_()
+        for rows, cols in ((b, h), (m, h), (m, dv))
+    ]
+    kw = dict(beta=2.5, separation=separation, alpha=alpha)
+    out = batched_retrieve(*leaves, **kw)
+    assert out.shape == (n, b, dv) and out.dtype == torch.float64
+    upstream = torch.randn(n, b, dv, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((out * upstream).sum(), leaves)
+    for i in range(n):
+        sample = [t[i].detach().clone().requires_grad_() for t in leaves]
+        expected, _ = reference.retrieve(*sample, **kw)
+        assert rel_err(out[i], expected) < 1e-12
+        expected_grads = torch.autograd.grad((expected * upstream[i]).sum(), sample)
+        for got, want in zip(grads, expected_grads):
+            assert rel_err(got[i], want, floor=1e-3) < 1e-10
+    if separation != "softmax":  # the sparse maps really are sparse here: some weights are 0
+        weights = reference.naive_separation(
+            2.5 * leaves[0].detach() @ leaves[1].detach().transpose(1, 2), separation, alpha
+        )
+        assert bool((weights == 0).any())
+
+
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS)
+def test_batched_retrieve_passes_gradcheck(gen, separation, alpha):
+    leaves = [
+        torch.randn(2, rows, 3, generator=gen, dtype=torch.float64).requires_grad_()
+        for rows in (3, 7, 7)
+    ]
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: batched_retrieve(q, k, v, beta=1.7, separation=separation, alpha=alpha),
+        leaves,
+    )
+
+
+def test_batched_retrieve_groups_samples_exactly(gen, monkeypatch):
+    """Many samples go in groups of about reference.DENSE_MAX_SCORES scores; same result."""
+    q, k, v = (torch.randn(7, rows, 4, generator=gen, dtype=torch.float64) for rows in (2, 5, 5))
+    whole = batched_retrieve(q, k, v, separation="sparsemax")
+    monkeypatch.setattr(reference, "DENSE_MAX_SCORES", 25)  # 2 samples of 2 x 5 scores a group
+    assert torch.equal(batched_retrieve(q, k, v, separation="sparsemax"), whole)
+
+
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS)
+def test_layer_batched_path_equals_the_per_sample_path(gen, separation, alpha):
+    """float64: small banks (batched) against the per-sample path (batched_max_memories=0,
+    one hen_fast.retrieve call per sample and 2-D calls), outputs and parameter gradients."""
+    layer = _layer(gen, separation, alpha, beta=1.5).double()
+    per_sample = copy.deepcopy(layer)
+    per_sample.batched_max_memories = 0
+    queries, memories, upstream = _sample_set(gen, layer, torch.float64)
+    out = layer(queries, memories)
+    (out * upstream).sum().backward()
+    (per_sample(queries, memories) * upstream).sum().backward()
+    for n in range(queries.shape[0]):
+        assert rel_err(out[n], layer(queries[n], memories[n])) < 1e-12
+    for (name, got), want in zip(layer.named_parameters(), per_sample.parameters()):
+        assert rel_err(got.grad, want.grad, floor=1e-3) < 1e-10, name
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("separation, alpha", SEPARATIONS)
+def test_layer_batched_path_agrees_with_the_fused_kernels_in_float32(gen, separation, alpha):
+    layer = _layer(gen, separation, alpha, backend="cpu", beta=2.0)
+    fused = copy.deepcopy(layer)
+    fused.batched_max_memories = 0
+    queries, memories, upstream = _sample_set(gen, layer, torch.float32)
+    out = layer(queries, memories)
+    (out * upstream).sum().backward()
+    expected = fused(queries, memories)
+    (expected * upstream).sum().backward()
+    assert rel_err(out, expected) < 1e-5
+    for (name, got), want in zip(layer.named_parameters(), fused.parameters()):
+        assert rel_err(got.grad, want.grad, floor=1e-3) < 1e-4, name
+
+
+def test_large_banks_take_the_per_sample_path(gen, monkeypatch):
+    import hen_fast.uhop.layer as layer_module
+
+    layer = _layer(gen, batched_max_memories=6).double()
+    calls = []
+    original = layer_module.batched_retrieve
+    monkeypatch.setattr(
+        layer_module, "batched_retrieve", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    layer(torch.randn(2, 1, layer.in_dim).double(), torch.randn(2, 7, layer.in_dim).double())
+    assert calls == []
+    layer(torch.randn(2, 1, layer.in_dim).double(), torch.randn(2, 6, layer.in_dim).double())
+    assert calls == [1]
 
 
 def test_separation_loss_is_definition_3_1(gen):
@@ -87,7 +182,7 @@ def test_separation_loss_is_definition_3_1(gen):
     gram = phi @ phi.T
     pairs = ~torch.eye(gram.shape[0], dtype=torch.bool)
     expected = torch.log(torch.exp(2 * 1.5 * (gram[pairs] ** 2 - 1)).mean())
-    assert abs(float(loss.detach()) - float(expected)) < 1e-10
+    assert abs(float(loss.detach()) - float(expected.detach())) < 1e-10
     loss.backward()
     assert layer.feature_map.weight.grad is not None
     assert all(p.grad is None for p in (layer.query_proj, layer.key_proj, layer.value_proj))
@@ -152,6 +247,8 @@ def test_bad_input_raises_naming_the_argument(gen):
         UHopHopfieldLayer(4, beta=-1.0)
     with pytest.raises(TypeError, match="in_dim"):
         UHopHopfieldLayer(4.5)
+    with pytest.raises(ValueError, match="batched_max_memories"):
+        UHopHopfieldLayer(4, batched_max_memories=-1)
     layer = UHopHopfieldLayer(4)
     with pytest.raises(ValueError, match="queries must have shape"):
         layer(torch.randn(2, 5), torch.randn(3, 4))

@@ -2,9 +2,14 @@
 
 ``U-Hop(Xi, x) = Sep(beta <W_K Phi(Xi), W_Q Phi(x)>) W_V Xi``: queries and memories pass through
 the U-Hop feature map ``Phi`` (normalised ``W x``, trained by the separation loss), then the
-layer's query and key projections; values are a projection of the raw memories. Retrieval runs
-through :func:`hen_fast.retrieve`, so forward and backward use the fused kernels (the ``cpu`` and
-``triton`` backends differentiate queries, keys and values).
+layer's query and key projections; values are a projection of the raw memories. One memory set
+(2-D inputs), or a batch whose per-sample banks are large, retrieves through
+:func:`hen_fast.retrieve`, so forward and backward use the fused kernels (the ``cpu`` and
+``triton`` backends differentiate queries, keys and values). A batch of samples that each bring a
+small bank (3-D inputs, at most ``batched_max_memories`` memories per sample, e.g. an image's 16
+patches) is scored by one batched matmul instead and separated exactly on the (N, B, M) scores with
+torch autograd: one fused call per sample would cost a kernel launch and its fixed overhead for a
+few dozen scores.
 
 The paper writes the values as ``W_V W_K Xi``, a product of two linear maps of the memories; when
 ``Phi`` changes the dimension, ``W_K`` (which acts on ``Phi(Xi)``) cannot act on ``Xi``, so the
@@ -26,10 +31,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .. import reference
 from .feature_map import FeatureMap
 from .loss import separation_loss
 
 LAYER_SEPARATIONS = ("softmax", "sparsemax", "entmax")
+# 3-D inputs whose per-sample banks hold at most this many memories take the batched path: a few
+# hundred scores per query are cheaper in one batched matmul than in one fused call per sample.
+BATCHED_MAX_MEMORIES = 256
 
 
 class UHopHopfieldLayer(nn.Module):
@@ -46,7 +55,10 @@ class UHopHopfieldLayer(nn.Module):
         t: the separation loss's scale, ``> 0``.
         uhop: False gives the plain Hopfield layer (``Phi`` the identity, no separation loss),
             the baseline the paper compares against.
-        backend: :func:`hen_fast.retrieve`'s backend.
+        backend: :func:`hen_fast.retrieve`'s backend (2-D inputs and large per-sample banks).
+        batched_max_memories: 3-D inputs with at most this many memories per sample take the
+            batched path (one batched matmul, exact separation, torch autograd); larger banks
+            run one fused :func:`hen_fast.retrieve` call per sample. 0 always takes the fused path.
         generator: seeds the initial weights.
     """
 
@@ -63,6 +75,7 @@ class UHopHopfieldLayer(nn.Module):
         t: float = 2.0,
         uhop: bool = True,
         backend: str = "auto",
+        batched_max_memories: int = BATCHED_MAX_MEMORIES,
         generator: torch.Generator | None = None,
     ):
         super().__init__()
@@ -92,6 +105,9 @@ class UHopHopfieldLayer(nn.Module):
         self.key_proj = nn.Parameter(init(hidden_dim, feature_dim))  # W_K
         self.value_proj = nn.Parameter(init(out_dim, in_dim))  # W_V
         self.in_dim = in_dim
+        self.batched_max_memories = _positive_int(
+            "batched_max_memories", batched_max_memories, minimum=0
+        )
 
     def features(self, x: Tensor) -> Tensor:
         """``Phi(x)``: the trained, normalised map, or x itself without U-Hop."""
@@ -100,7 +116,8 @@ class UHopHopfieldLayer(nn.Module):
     def forward(self, queries: Tensor, memories: Tensor) -> Tensor:
         """``queries`` (B, d) against one memory set ``memories`` (M, d) gives (B, out_dim);
         ``queries`` (N, B, d) and ``memories`` (N, M, d) retrieve sample n's queries from
-        sample n's memories and give (N, B, out_dim)."""
+        sample n's memories and give (N, B, out_dim): in one batched pass when each bank holds at
+        most ``batched_max_memories`` memories, else one fused call per sample."""
         _check_input("queries", queries, self.in_dim)
         _check_input("memories", memories, self.in_dim)
         if queries.dim() != memories.dim():
@@ -114,10 +131,20 @@ class UHopHopfieldLayer(nn.Module):
                     f"queries and memories must hold the same number of samples, got "
                     f"{queries.shape[0]} and {memories.shape[0]}"
                 )
-            return torch.stack([self(q, m) for q, m in zip(queries, memories)])
+            if memories.shape[1] > self.batched_max_memories:
+                return torch.stack([self(q, m) for q, m in zip(queries, memories)])
         projected_queries = self.features(queries) @ self.query_proj.T
         keys = self.features(memories) @ self.key_proj.T
         values = memories @ self.value_proj.T
+        if queries.dim() == 3:
+            return batched_retrieve(
+                projected_queries,
+                keys,
+                values,
+                beta=self.beta,
+                separation=self.separation,
+                alpha=self.alpha,
+            )
         from .. import retrieve
 
         return retrieve(
@@ -145,6 +172,81 @@ class UHopHopfieldLayer(nn.Module):
     def kernel_parameters(self) -> list[nn.Parameter]:
         """Stage I's parameters (theta): the feature map's."""
         return [] if self.feature_map is None else list(self.feature_map.parameters())
+
+
+def batched_retrieve(
+    queries: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    *,
+    beta: float = 1.0,
+    separation: str = "softmax",
+    alpha: float = 1.5,
+) -> Tensor:
+    """``Sep(beta q k^T) v`` for every sample n of ``queries`` (N, B, h) against its own ``keys``
+    (N, M, h) and ``values`` (N, M, dv); returns (N, B, dv), differentiable by torch autograd.
+
+    Exact like :func:`hen_fast.reference.retrieve` with one step and dot similarity, sample by
+    sample: the same float64 thresholds, the same threshold derivative. Meant for small banks (it
+    holds the (N, B, M) scores); samples go in groups of about ``reference.DENSE_MAX_SCORES``
+    scores.
+    """
+    per_sample = queries.shape[1] * keys.shape[1]
+    group = max(1, reference.DENSE_MAX_SCORES // max(per_sample, 1))
+    if queries.shape[0] > group:
+        return torch.cat(
+            [
+                batched_retrieve(
+                    queries[n : n + group],
+                    keys[n : n + group],
+                    values[n : n + group],
+                    beta=beta,
+                    separation=separation,
+                    alpha=alpha,
+                )
+                for n in range(0, queries.shape[0], group)
+            ]
+        )
+    dtype = reference.accumulation_dtype(queries, keys, values)
+    scores = beta * torch.bmm(queries.to(dtype), keys.to(dtype).transpose(1, 2))
+    if separation == "softmax":
+        weights = torch.softmax(scores, dim=-1)
+    else:
+        weights = _sparse_weights(scores, reference.separation_alpha(separation, alpha))
+    return torch.bmm(weights, values.to(dtype)).to(queries.dtype)
+
+
+def _sparse_weights(scores: Tensor, alpha: float) -> Tensor:
+    """alpha-entmax over the last dimension of ``scores``, differentiable.
+
+    The threshold tau comes from :mod:`hen_fast.reference`'s exact solvers on float64 sorted rows
+    (closed forms for sparsemax and alpha 1.5, Newton otherwise). For autograd tau moves with the
+    scores as the reference's sparse step has it: ``sum_i g_i (dx_i - dtau) = 0`` with
+    ``g = dp/dx``, so ``dtau = sum_i g_i dx_i / sum_i g_i``; ``tau_shift`` (value 0) carries that
+    derivative and the weights are corrected to first order, ``p(tau + s) = p(tau) - g s``.
+    """
+    shape = scores.shape
+    x = (alpha - 1.0) * scores.reshape(-1, shape[-1])
+    x_sorted = x.detach().double().sort(dim=1, descending=True).values
+    if alpha in (1.5, 2.0):
+        tau = reference._sorted_threshold(x_sorted, alpha)
+    else:
+        tau = reference._newton_threshold(
+            reference._row_sums(x_sorted, 1.0 / (alpha - 1.0)),
+            x_sorted[:, 0],
+            x_sorted[:, 0] - 1.0,
+            alpha,
+        )
+    q = 1.0 / (alpha - 1.0)
+    excess = torch.relu(x - tau.to(x.dtype)[:, None])
+    p = reference._power(excess, q)
+    if x.requires_grad:
+        slope = excess.detach()
+        g = (slope > 0).to(x.dtype) if q == 1.0 else q * reference._power(slope, q - 1.0)
+        tau_shift = (g * (x - x.detach())).sum(dim=1, keepdim=True) / g.sum(dim=1, keepdim=True)
+        p = p - g * tau_shift
+    # Dividing by the total makes the weights sum to 1 to rounding whatever tau's last bit.
+    return (p / p.sum(dim=1, keepdim=True)).reshape(shape)
 
 
 def fit_uhop(
