@@ -148,9 +148,5 @@ def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
     assert chosen(many, "dot", "softmax") == "torch"
     assert chosen(many, "l2", "polynomial") == "torch"
     assert chosen(many, "dot", "softmax", name="cpu") == "cpu"
-    grad = Request(torch.device("cpu"), (torch.float32,), True, num_queries=1,
-                   num_memories=1000, similarity="dot", separation="sparsemax")
-    assert select_backend("auto", grad).name == "torch"
-    assert select_backend("cpu", grad).name == "cpu"
     for similarity, separation in (("dot", "sparsemax"), ("l2", "entmax"), ("manhattan", "softmax")):
         assert chosen(10 * many, similarity, separation) == "cpu"

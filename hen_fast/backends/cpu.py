@@ -108,12 +108,6 @@ DENSE_TORCH_FROM_QUERIES = 128
 
 
 def auto_check(request: Request) -> str | None:
-    if request.needs_grad:
-        # The fused backward recomputes weights tile by tile in O(B (d + tile)) memory but is
-        # 1.0-5.8x slower than torch autograd through the reference (benchmarks/
-        # bench_backward_cpu.py), so auto differentiates in the torch backend; by name the kernel
-        # still does, for the memory.
-        return "its backward pass is slower than the torch backend's autograd"
     dense = request.separation in ("softmax", "polynomial") and request.similarity in ("dot", "l2")
     if dense and (request.num_queries or 0) >= DENSE_TORCH_FROM_QUERIES:
         return (f"dense {request.similarity}/{request.separation} with >= "
