@@ -635,7 +635,7 @@ SEPARATION_REDUCTIONS = ("average", "max")
 def naive_separation_loss(
     features: Tensor, t: float = 2.0, reduction: str = "average", dtype=torch.float64
 ) -> Tensor:
-    """U-Hop's separation loss of the rows of ``features`` (M, D) from ``torch.pdist``, in ``dtype``.
+    """U-Hop's separation loss of the rows of ``features`` (M, D) by ``torch.pdist``, in ``dtype``.
 
     ``"average"``: ``log mean_{u != v} exp(-t ||z_u - z_v||^2)`` over the M (M - 1) ordered pairs
     (each unordered pair twice, which the mean does not see); ``"max"`` (Appendix G.2):
