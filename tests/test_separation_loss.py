@@ -202,7 +202,6 @@ for arch, want_sum, want_acc in ((90, True, True), (80, True, True), (90, False,
 """
 
 
-@pytest.mark.slow
 def test_triton_kernel_compiles_for_hopper_and_ampere():
     """The interpreter misses what only the compiler checks; compile the GPU launch forms (the
     loss and gradient on both, the loss-free statistics for the max loss) to sm_90 and sm_80
