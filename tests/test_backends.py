@@ -139,8 +139,13 @@ def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
 
     def chosen(num_queries, similarity, separation, name="auto"):
         request = Request(
-            torch.device("cpu"), (torch.float32,), False, num_queries=num_queries,
-            num_memories=1000, similarity=similarity, separation=separation,
+            torch.device("cpu"),
+            (torch.float32,),
+            False,
+            num_queries=num_queries,
+            num_memories=1000,
+            similarity=similarity,
+            separation=separation,
         )
         return select_backend(name, request).name
 
@@ -148,5 +153,9 @@ def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
     assert chosen(many, "dot", "softmax") == "torch"
     assert chosen(many, "l2", "polynomial") == "torch"
     assert chosen(many, "dot", "softmax", name="cpu") == "cpu"
-    for similarity, separation in (("dot", "sparsemax"), ("l2", "entmax"), ("manhattan", "softmax")):
+    for similarity, separation in (
+        ("dot", "sparsemax"),
+        ("l2", "entmax"),
+        ("manhattan", "softmax"),
+    ):
         assert chosen(10 * many, similarity, separation) == "cpu"

@@ -150,9 +150,7 @@ def test_non_finite_inputs_raise_unless_unchecked(problem, where, bad):
 
 
 @pytest.mark.parametrize("separation", ["sparsemax", "entmax"])
-@pytest.mark.parametrize(
-    "backend", CPU_BACKENDS + (["triton"] if TRITON else []) + ["streamed"]
-)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON else []) + ["streamed"])
 def test_sparse_thresholds_survive_huge_scores(backend, separation):
     """One memory scoring 1e8 and one scoring 0: the weights are exactly (1, 0). In float32 the
     in-memory backends lose tau = x_max - 1 to rounding (every weight 0, the output NaN), and

@@ -328,8 +328,17 @@ def test_blocks_of_converged_queries_stream_nothing(gen):
     config = launch_config(6, 6, 40, "dot", queries, memories)
     active = torch.zeros(40, dtype=torch.int32)
     active[config["BLOCK_B"]] = 1  # one row of the second block only
-    count, _, _ = threshold_stats(queries, memories, None, active, torch.full((40,), -math.inf),
-                                  beta=1.0, similarity_code=0, splits=3, config=config)
+    count, _, _ = threshold_stats(
+        queries,
+        memories,
+        None,
+        active,
+        torch.full((40,), -math.inf),
+        beta=1.0,
+        similarity_code=0,
+        splits=3,
+        config=config,
+    )
     block = config["BLOCK_B"]
-    assert count[:block].eq(0).all() and count[block:2 * block].eq(300).all()
-    assert count[2 * block:].eq(0).all()
+    assert count[:block].eq(0).all() and count[block : 2 * block].eq(300).all()
+    assert count[2 * block :].eq(0).all()

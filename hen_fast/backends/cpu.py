@@ -18,10 +18,14 @@ import torch
 
 from . import Backend, BackendUnavailableError, Request
 
-HINT = ("Build it by installing from source with a C++ compiler: "
-        "pip install --no-build-isolation -e . (HEN_FAST_BUILD_EXT must not be 0).")
+HINT = (
+    "Build it by installing from source with a C++ compiler: "
+    "pip install --no-build-isolation -e . (HEN_FAST_BUILD_EXT must not be 0)."
+)
 SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
 SEP_CODES = {"softmax": 0, "polynomial": 1, "sparsemax": 2, "entmax": 2}
+
+
 # Candidate scores kept per query and bank split for the sparse thresholds: a few thousand, so
 # that supports of hundreds of memories (small beta) still settle in one pass, with the whole
 # buffer bounded to 2^21 entries (24 MB).
@@ -39,8 +43,12 @@ def load_extension() -> bool:
             raise ImportError("hen_fast._C was not built")
         torch.ops.load_library(spec.origin)
     except (ImportError, OSError, RuntimeError) as error:
-        warnings.warn(f"hen_fast's compiled kernels (hen_fast._C) are not available ({error}); "
-                      f"the torch backend computes instead. {HINT}", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"hen_fast's compiled kernels (hen_fast._C) are not available ({error}); "
+            f"the torch backend computes instead. {HINT}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return False
     _register_fake()
     _register_autograd()
@@ -51,15 +59,33 @@ def _register_fake():
     """Shapes without computing, for torch.compile and meta tensors."""
 
     @torch.library.register_fake("hen_fast::retrieve_step")
-    def _(x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, capacity,
-          want_info):
+    def _(
+        x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, capacity, want_info
+    ):
         rows = x.shape[0]
-        return (x.new_empty(rows, values.shape[1]), x.new_empty(rows, dtype=torch.long),
-                x.new_empty(rows, dtype=torch.long), x.new_empty(rows), x.new_empty(rows))
+        return (
+            x.new_empty(rows, values.shape[1]),
+            x.new_empty(rows, dtype=torch.long),
+            x.new_empty(rows, dtype=torch.long),
+            x.new_empty(rows),
+            x.new_empty(rows),
+        )
 
     @torch.library.register_fake("hen_fast::retrieve_step_backward")
-    def _(grad_out, x, keys, sq_norms, values, out, threshold, beta, similarity, separation,
-          alpha, degree):
+    def _(
+        grad_out,
+        x,
+        keys,
+        sq_norms,
+        values,
+        out,
+        threshold,
+        beta,
+        similarity,
+        separation,
+        alpha,
+        degree,
+    ):
         return (x.new_empty(x.shape), x.new_empty(keys.shape), x.new_empty(values.shape))
 
 
@@ -80,14 +106,26 @@ def _register_autograd():
         if grad_out is None:
             return (None,) * 11
         grad_x, grad_keys, grad_values = torch.ops.hen_fast.retrieve_step_backward(
-            grad_out, x, keys, sq_norms, values, out, threshold, *ctx.options)
+            grad_out, x, keys, sq_norms, values, out, threshold, *ctx.options
+        )
         needs = ctx.needs_input_grad
-        return (grad_x if needs[0] else None, grad_keys.to(keys.dtype) if needs[1] else None,
-                None, grad_values.to(values.dtype) if needs[3] else None,
-                None, None, None, None, None, None, None)
+        return (
+            grad_x if needs[0] else None,
+            grad_keys.to(keys.dtype) if needs[1] else None,
+            None,
+            grad_values.to(values.dtype) if needs[3] else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
-    torch.library.register_autograd("hen_fast::retrieve_step", backward,
-                                    setup_context=setup_context)
+    torch.library.register_autograd(
+        "hen_fast::retrieve_step", backward, setup_context=setup_context
+    )
 
 
 def check(request: Request) -> str | None:
@@ -110,14 +148,30 @@ DENSE_TORCH_FROM_QUERIES = 128
 def auto_check(request: Request) -> str | None:
     dense = request.separation in ("softmax", "polynomial") and request.similarity in ("dot", "l2")
     if dense and (request.num_queries or 0) >= DENSE_TORCH_FROM_QUERIES:
-        return (f"dense {request.similarity}/{request.separation} with >= "
-                f"{DENSE_TORCH_FROM_QUERIES} queries is faster in the torch backend")
+        return (
+            f"dense {request.similarity}/{request.separation} with >= "
+            f"{DENSE_TORCH_FROM_QUERIES} queries is faster in the torch backend"
+        )
     return None
 
 
-def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
-             separation="softmax", alpha=1.5, degree=10, steps=1, tol=None, clamp_mask=None,
-             return_info=False, capacity=None, sq_norms=None):
+def retrieve(
+    queries,
+    memories,
+    values=None,
+    *,
+    beta=1.0,
+    similarity="dot",
+    separation="softmax",
+    alpha=1.5,
+    degree=10,
+    steps=1,
+    tol=None,
+    clamp_mask=None,
+    return_info=False,
+    capacity=None,
+    sq_norms=None,
+):
     """Same contract as :func:`hen_fast.reference.retrieve`; ``capacity`` is the sparse candidate
     buffer per query and split."""
     from ..reference import iterate, separation_alpha
@@ -135,15 +189,39 @@ def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot",
 
     def one_step(rows):
         out, support, argmax, lse, _ = op(
-            rows.contiguous(), memories, sq_norms, values, float(beta), SIM_CODES[similarity],
-            SEP_CODES[separation], sparse_alpha, float(degree), capacity, return_info)
+            rows.contiguous(),
+            memories,
+            sq_norms,
+            values,
+            float(beta),
+            SIM_CODES[similarity],
+            SEP_CODES[separation],
+            sparse_alpha,
+            float(degree),
+            capacity,
+            return_info,
+        )
         if similarity == "l2":  # the kernel scores 2 x.k - ||k||^2: shift back to -||x - k||^2
             lse = lse - beta * (rows * rows).sum(dim=1)
         return out, support, argmax, lse
 
-    return iterate(one_step, queries, torch.float32, steps=steps, tol=tol, clamp_mask=clamp_mask,
-                   return_info=return_info)
+    return iterate(
+        one_step,
+        queries,
+        torch.float32,
+        steps=steps,
+        tol=tol,
+        clamp_mask=clamp_mask,
+        return_info=return_info,
+    )
 
 
-BACKEND = Backend(name="cpu", retrieve=retrieve, priority=10, is_available=load_extension,
-                  check=check, auto_check=auto_check, hint=HINT)
+BACKEND = Backend(
+    name="cpu",
+    retrieve=retrieve,
+    priority=10,
+    is_available=load_extension,
+    check=check,
+    auto_check=auto_check,
+    hint=HINT,
+)
