@@ -62,7 +62,10 @@ def test_relative_rank_counts_collapsed_states():
 
 
 def test_relative_rank_over_steps_collapses_at_low_beta(gen):
-    memories = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    # Orthogonal memories of equal norm: with dot similarity each is its own attractor (random
+    # ones are not always: a longer memory can outscore a query's own).
+    basis, _ = torch.linalg.qr(torch.randn(10, 6, generator=gen, dtype=torch.float64))
+    memories = 3.0 * basis.T
     queries = memories + 0.01 * torch.randn(6, 10, generator=gen, dtype=torch.float64)
     sharp = metrics.relative_rank_over_steps(queries, memories, 3, beta=50.0)
     assert sharp == [1.0] * 4  # each query stays at its own memory
