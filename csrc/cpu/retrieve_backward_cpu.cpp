@@ -26,6 +26,8 @@
 #include <limits>
 #include <tuple>
 
+#include "manhattan.h"
+
 namespace hen_fast {
 namespace {
 
@@ -53,27 +55,12 @@ struct Problem {
   double degree;
 };
 
-// -beta * sum_t |x_t - k_t| for a block of queries against a tile of keys.
-void manhattan_scores(const float* xs, int64_t rows, const float* ks, int64_t cols, int64_t d,
-                      float* out, int64_t out_stride, float scale) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const float* xi = xs + i * d;
-    for (int64_t j = 0; j < cols; ++j) {
-      const float* k = ks + j * d;
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t t = 0; t < d; ++t) sum += std::fabs(xi[t] - k[t]);
-      out[i * out_stride + j] = scale * sum;
-    }
-  }
-}
-
 // Scores of queries [r0, r1) against the float32 key tile `keys` (memories [m0, m1)).
 at::Tensor score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                       const at::Tensor& keys) {
   if (p.similarity == kManhattan) {
     auto z = at::empty({r1 - r0, m1 - m0}, at::kFloat);
-    manhattan_scores(p.x.data_ptr<float>() + r0 * p.x.size(1), r1 - r0, keys.data_ptr<float>(),
+    manhattan_block(p.x.data_ptr<float>() + r0 * p.x.size(1), r1 - r0, keys.data_ptr<float>(),
                      m1 - m0, p.x.size(1), z.data_ptr<float>(), z.stride(0),
                      static_cast<float>(-p.beta));
     return z;
