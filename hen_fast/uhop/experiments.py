@@ -79,6 +79,14 @@ def _subset(patterns, size: int, seed: int) -> torch.Tensor:
     return patterns[order[:size]]
 
 
+def _fit(memories, repeat: int, **options):
+    """Stage I for one repeat: W drawn from seed ``repeat``, no progress bar of its own (the
+    experiment's bar counts repeats)."""
+    return fit_feature_map(
+        memories, generator=torch.Generator().manual_seed(repeat), progress=False, **options
+    )
+
+
 def capacity(
     dataset, sizes, repeats, *, steps=100, t=2.0, lr=1.0, beta=1.0, models=MODELS, progress=None
 ) -> dict:
@@ -90,14 +98,7 @@ def capacity(
     jobs = [(size, r) for size, count in zip(sizes, counts) for r in range(count)]
     for size, r in _bar(jobs, f"capacity {dataset}", progress):
         memories = _subset(patterns, size, seed=1000 * size + r)
-        feature_map = fit_feature_map(
-            memories,
-            t=t,
-            steps=steps,
-            lr=lr,
-            generator=torch.Generator().manual_seed(r),
-            progress=False,
-        )
+        feature_map = _fit(memories, r, t=t, steps=steps, lr=lr)
         errors = evaluate(masked_queries(memories, seed=r), memories, feature_map, models, beta)
         records.append(dict(size=size, repeat=r, loss=feature_map.final_loss, errors=errors))
     return _result(
@@ -134,14 +135,7 @@ def noise(
     records = []
     for r in _bar(range(repeats), f"noise {dataset}", progress):
         memories = _subset(patterns, size, seed=1000 * size + r)
-        feature_map = fit_feature_map(
-            memories,
-            t=t,
-            steps=steps,
-            lr=lr,
-            generator=torch.Generator().manual_seed(r),
-            progress=False,
-        )
+        feature_map = _fit(memories, r, t=t, steps=steps, lr=lr)
         for level in levels:
             queries = noisy_queries(memories, level, seed=r)
             errors = evaluate(queries, memories, feature_map, models, beta)
@@ -185,15 +179,7 @@ def iterations(
                     dict(steps=step, repeat=r, loss=loss, errors=dict(mhm=mhm, **errors))
                 )
 
-        fit_feature_map(
-            memories,
-            t=t,
-            steps=max(checkpoints),
-            lr=lr,
-            progress=False,
-            generator=torch.Generator().manual_seed(r),
-            callback=record,
-        )
+        _fit(memories, r, t=t, steps=max(checkpoints), lr=lr, callback=record)
     return _result(
         "iterations",
         dataset,
@@ -225,14 +211,7 @@ def loss_vs_error(
     for r in _bar(range(runs), f"loss-error {dataset}", progress):
         lr = abs(float(torch.randn((), generator=draws))) + 1e-3
         steps = int(torch.randint(1, max_steps + 1, (), generator=draws))
-        feature_map = fit_feature_map(
-            memories,
-            t=t,
-            steps=steps,
-            lr=lr,
-            progress=False,
-            generator=torch.Generator().manual_seed(r),
-        )
+        feature_map = _fit(memories, r, t=t, steps=steps, lr=lr)
         errors = evaluate(queries, memories, feature_map, ["uhop"], beta)
         records.append(dict(run=r, lr=lr, steps=steps, loss=feature_map.final_loss, errors=errors))
     return _result(
