@@ -13,14 +13,14 @@ sweeps B x M for dot/softmax, the C++ kernel beside plain PyTorch.
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 import hen_fast
 from hen_fast import reference
 from hen_fast.profiling import peak_extra_bytes
+
+from side_by_side import print_ratios, time_case
 
 B, M, D = 64, 100_000, 256
 BETA = D**-0.5
@@ -98,40 +98,15 @@ def inputs():
 @pytest.mark.parametrize("name", list(CASES))
 def test_retrieve(benchmark, inputs, peaks, name):
     separation, expression = CASES[name]
-    compiled = compile(expression, name, "eval")
-    benchmark.group = separation
-    benchmark.extra_info.update(
-        B=B,
-        M=M,
-        d=D,
-        dtype="float32",
-        beta=BETA,
-        peak_extra_mib=peaks[name] / 2**20,
-        torch=torch.__version__,
-        hen_fast=hen_fast.__version__,
-        threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
-    )
-    benchmark.pedantic(eval, args=(compiled, inputs), rounds=5, warmup_rounds=1)
-    _times[name] = benchmark.stats.stats.median
-    benchmark.extra_info["median_ms"] = 1e3 * _times[name]
+    _times[name] = time_case(
+        benchmark, name, separation, expression, inputs, peaks[name], rounds=5, warmup=1,
+        B=B, M=M, d=D, dtype="float32", beta=BETA,
+    )  # fmt: skip
 
 
 def teardown_module():
-    if not _times:
-        return
-    print(
-        f"\nB={B} M={M} d={D} float32, {torch.get_num_threads()} threads (median of 5); "
-        "ratios to the first case of each separation"
-    )
-    print(f"  {'case':26s} {'ms':>8s} {'time':>6s} {'peak MiB':>9s} {'memory':>7s}")
-    for name, (separation, _) in CASES.items():
-        base = next(n for n, (s, _) in CASES.items() if s == separation)
-        if name in _times:
-            print(
-                f"  {name:26s} {1e3 * _times[name]:8.1f} {_times[name] / _times[base]:6.2f} "
-                f"{_peaks[name] / 2**20:9.1f} {_peaks[name] / _peaks[base]:7.2f}"
-            )
+    title = f"B={B} M={M} d={D} float32, {torch.get_num_threads()} threads (median of 5)"
+    print_ratios(title, CASES, _times, _peaks)
 
 
 @pytest.mark.parametrize("num_memories", [10_000, 100_000])

@@ -14,13 +14,12 @@ M=100k, D=784 (the goal there: under 1 s; pdist does not fit in memory).
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
-import hen_fast
 from hen_fast.profiling import peak_extra_bytes
+
+from side_by_side import print_ratios, time_case
 
 M, D = 5000, 784
 
@@ -69,35 +68,15 @@ def inputs():
 @pytest.mark.parametrize("name", list(CASES))
 def test_separation_loss(benchmark, inputs, peaks, name):
     group, expression = CASES[name]
-    compiled = compile(expression, name, "eval")
-    benchmark.group = group
-    benchmark.extra_info.update(
-        M=M,
-        D=D,
-        dtype="float32",
-        peak_extra_mib=peaks[name] / 2**20,
-        torch=torch.__version__,
-        hen_fast=hen_fast.__version__,
-        threads=torch.get_num_threads(),
-        cpu=platform.processor() or platform.machine(),
-    )
-    benchmark.pedantic(eval, args=(compiled, inputs), rounds=3, warmup_rounds=0)
-    _times[name] = benchmark.stats.stats.median
-    benchmark.extra_info["median_s"] = _times[name]
+    _times[name] = time_case(
+        benchmark, name, group, expression, inputs, peaks[name], rounds=3, warmup=0,
+        M=M, D=D, dtype="float32",
+    )  # fmt: skip
 
 
 def teardown_module():
-    if not _times:
-        return
-    print(f"\nM={M} D={D} float32, {torch.get_num_threads()} threads (median of 3)")
-    print(f"  {'case':34s} {'s':>7s} {'time':>6s} {'peak MiB':>9s} {'memory':>7s}")
-    for name, (group, _) in CASES.items():
-        base = next(n for n, (g, _) in CASES.items() if g == group)
-        if name in _times:
-            print(
-                f"  {name:34s} {_times[name]:7.2f} {_times[name] / _times[base]:6.2f} "
-                f"{_peaks[name] / 2**20:9.1f} {_peaks[name] / max(1, _peaks[base]):7.3f}"
-            )
+    title = f"M={M} D={D} float32, {torch.get_num_threads()} threads (median of 3)"
+    print_ratios(title, CASES, _times, _peaks)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
