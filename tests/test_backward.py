@@ -7,7 +7,6 @@ float64): at most twice its error plus a small floor, and far under 1e-4. Every 
 launchers allocate with torch.empty is poisoned with NaN, and NaN anywhere fails the comparison.
 """
 
-import math
 
 import pytest
 import torch
@@ -24,15 +23,7 @@ needs_cpu_kernel = pytest.mark.skipif(not HAS_CPU_KERNEL, reason="the C++ extens
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton cannot run here")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = empty(*args, **kwargs)
-        return tensor.fill_(math.nan if tensor.is_floating_point() else -(2**30))
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _gradients(backend, queries, memories, values, upstream, *, dtype=None, device="cpu", **kw):

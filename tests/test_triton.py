@@ -26,17 +26,7 @@ from helpers import (
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """torch.empty returns NaN (floats) or a huge negative (ints): an element a kernel forgot to
-    write shows up as NaN or a wrong index."""
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        tensor = empty(*args, **kwargs)
-        return tensor.fill_(math.nan if tensor.is_floating_point() else -(2**30))
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _triton(*args, **kwargs):
