@@ -138,21 +138,14 @@ class Encoder(abc.ABC):
         several batches and a terminal, True = always, False = never)."""
         batch_size = check_batch_size(batch_size)
         images = check_images(images)
-        outputs = []
-        total = math.ceil(images.shape[0] / batch_size)
-        bar = _progress_bar(total, progress, f"encode ({self.name})")
-        try:
-            for start in range(0, images.shape[0], batch_size):
-                batch = self.prepare(images[start : start + batch_size]).to(self.device)
-                outputs.append(self._encode_batch(batch).float().reshape(batch.shape[0], -1))
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if bar is not None:
-                bar.close()
-        if not outputs:
-            return torch.empty(0, self.latent_dim, device=self.device)
-        return torch.cat(outputs)
+
+        def encode_batch(batch):
+            batch = self.prepare(batch).to(self.device)
+            return self._encode_batch(batch).float().reshape(batch.shape[0], -1)
+
+        return self._in_batches(
+            images, batch_size, progress, "encode", encode_batch, (self.latent_dim,)
+        )
 
     @torch.no_grad()
     def decode(
@@ -162,20 +155,30 @@ class Encoder(abc.ABC):
         ``(N, latent_dim)`` (e.g. recalled ones); batched like ``encode``."""
         batch_size = check_batch_size(batch_size)
         latents = self.check_latents(latents)
+
+        def decode_batch(batch):
+            batch = batch.to(self.device, torch.float32)
+            return self._decode_batch(batch).float().clamp_(0.0, 1.0)
+
+        shape = (self.channels, *self.image_size)
+        return self._in_batches(latents, batch_size, progress, "decode", decode_batch, shape)
+
+    def _in_batches(self, items, batch_size, progress, verb, run, item_shape) -> torch.Tensor:
+        """``run`` on each batch of ``items``, concatenated (an empty result has ``item_shape``),
+        with the progress bar ``encode``/``decode`` promise."""
         outputs = []
-        total = math.ceil(latents.shape[0] / batch_size)
-        bar = _progress_bar(total, progress, f"decode ({self.name})")
+        total = math.ceil(items.shape[0] / batch_size)
+        bar = _progress_bar(total, progress, f"{verb} ({self.name})")
         try:
-            for start in range(0, latents.shape[0], batch_size):
-                batch = latents[start : start + batch_size].to(self.device, torch.float32)
-                outputs.append(self._decode_batch(batch).float().clamp_(0.0, 1.0))
+            for start in range(0, items.shape[0], batch_size):
+                outputs.append(run(items[start : start + batch_size]))
                 if bar is not None:
                     bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
         if not outputs:
-            return torch.empty(0, self.channels, *self.image_size, device=self.device)
+            return torch.empty(0, *item_shape, device=self.device)
         return torch.cat(outputs)
 
     def check_latents(self, latents, name: str = "latents") -> torch.Tensor:
