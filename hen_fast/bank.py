@@ -5,8 +5,9 @@ metadata holds, under ``"hen_fast"``, a JSON document: the format name and versi
 are the keys (auto-association), the next free id, and every tensor's dtype, shape and the sha256
 of its bytes. ``save`` writes a temporary file beside the target, flushes and fsyncs it, renames it
 over the target and fsyncs the directory, so a crash at any moment leaves either the old bank or
-the new one, never a mixture. ``load`` checks the header, the sizes and every checksum, and refuses
-anything else with :class:`BankIntegrityError`. No pickle is involved anywhere.
+the new one, never a mixture. ``load`` checks the header, the sizes and every checksum, recomputes
+what the file stores but could be derived (the squared norms, from the keys) and checks the ids,
+and refuses anything else with :class:`BankIntegrityError`. No pickle is involved anywhere.
 """
 
 from __future__ import annotations
@@ -361,6 +362,7 @@ def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
     if covered != data_size:
         refuse(f"{data_size - covered} unexpected trailing bytes")
     _check_loaded(refuse, tensors, auto)
+    _check_derived(refuse, meta, tensors)
     return meta, tensors
 
 
@@ -377,6 +379,41 @@ def _check_loaded(refuse, tensors: dict[str, Tensor], auto: bool) -> None:
         values = tensors["values"]
         if values.dtype not in _FLOAT_DTYPES or values.dim() != 2 or values.shape[0] != rows:
             refuse("values must be 2-D floating point, one row per key")
+
+
+# Rows of keys whose norms are recomputed at a time on load (bounds the float32 copy of a
+# memory-mapped bank to 64 MiB whatever its dtype and size).
+_NORM_CHUNK_BYTES = 64 << 20
+# Stored and recomputed float32 squared norms may differ by the summation order of another
+# machine or torch build: a few float32 roundings of the sum, far below any change that matters.
+_NORM_RTOL = 1e-5
+
+
+def _check_derived(refuse, meta: dict, tensors: dict[str, Tensor]) -> None:
+    """What the file stores but could be computed is checked against what it is computed from,
+    never trusted: a checksum only proves that the bytes are the ones written, not that the
+    writer was right (or honest). The squared norms are recomputed from the keys (chunk by
+    chunk, one read of the keys); the ids must be distinct and below the next free id."""
+    keys, norms, ids = tensors["keys"], tensors["norms"], tensors["ids"]
+    rows, dim = keys.shape
+    step = max(1, _NORM_CHUNK_BYTES // max(1, 4 * dim))
+    for begin in range(0, rows, step):
+        end = min(rows, begin + step)
+        fresh = sq_norms(keys[begin:end])
+        stored = norms[begin:end]
+        # equal_nan: a bank may hold non-finite keys (retrieve refuses them, saving does not)
+        bad = ~torch.isclose(stored, fresh, rtol=_NORM_RTOL, atol=0.0, equal_nan=True)
+        if bool(bad.any()):
+            row = begin + int(bad.nonzero()[0])
+            refuse(
+                f"stored norms do not match the keys (row {row}: stored {float(norms[row])!r}, "
+                f"the keys give {float(sq_norms(keys[row : row + 1])[0])!r})"
+            )
+    if rows:
+        if ids.unique().numel() != rows:
+            refuse("ids are not distinct")
+        if int(ids.max()) >= meta["next_id"]:
+            refuse(f"id {int(ids.max())} is not below the next free id {meta['next_id']}")
 
 
 # ---------------------------------------------------------------------------------- validation

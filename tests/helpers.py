@@ -30,15 +30,50 @@ def combo_id(combo) -> str:
     return f"{similarity}-{separation}" + (f"{alpha}" if separation == "entmax" else "")
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
-    """Largest error relative to the expected tensor's scale (at least ``floor``, for quantities
-    that can be exactly 0 such as an energy); any NaN or Inf counts as infinite."""
+# One tolerance table: the largest error a computation may make, relative to the scale of the
+# values it combines (value_scale), by backend and by the dtype it computes in. float32 is held
+# far under 1e-4; float16 and bfloat16 inputs are rounded to 11 and 8 bits before the float32
+# computation. Several update steps amplify rounding along the trajectory: STEPS_FACTOR.
+TOLERANCES = {
+    # backend:  float64  float32  float16  bfloat16
+    "torch": (1e-10, 1e-5, 5e-3, 1e-2),
+    "cpu": (None, 1e-5, 5e-3, 1e-2),
+    "triton": (None, 1e-5, 5e-3, 1e-2),  # exact float32 dot products (not tf32), pinned
+    "cuda": (None, 1e-5, 5e-3, 1e-2),
+}
+DTYPE_COLUMNS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+STEPS_FACTOR = 10
+
+
+def tolerance(dtype: torch.dtype = torch.float32, backend: str = "torch", steps: int = 1) -> float:
+    """The table's tolerance for a computation in ``dtype`` on ``backend``."""
+    tol = TOLERANCES[backend][DTYPE_COLUMNS.index(dtype)]
+    if tol is None:
+        raise ValueError(f"backend {backend!r} does not compute in {dtype}")
+    return tol * (STEPS_FACTOR if steps > 1 else 1)
+
+
+def value_scale(values: torch.Tensor) -> float:
+    """The scale of a retrieval's output: its largest value entry. Every output is a weighted
+    mean of value rows, so this bounds it, while the output itself can cancel to near zero."""
+    return float(values.detach().double().abs().max())
+
+
+def rel_err(
+    actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30, scale: float | None = None
+) -> float:
+    """Largest error relative to ``scale`` (default: the expected tensor's largest entry, at
+    least ``floor``, for quantities that can be exactly 0 such as an energy). Pass the scale of
+    the inputs (value_scale) wherever the expected tensor can cancel. Any NaN or Inf counts as
+    infinite."""
     actual, expected = actual.detach().double(), expected.detach().double()
     if actual.shape != expected.shape or not bool(torch.isfinite(actual).all()):
         return float("inf")
     if actual.numel() == 0:
         return 0.0
-    scale = expected.abs().max().clamp(min=floor)
+    if scale is None:
+        scale = float(expected.abs().max())
+    scale = max(scale, floor)
     return float((actual - expected).abs().max() / scale)
 
 
@@ -73,8 +108,9 @@ def random_problem(gen, *, dtype=torch.float64, same_dims=False, max_queries=9, 
 
 
 def check_against_reference(out, info, queries, memories, values, **kwargs):
-    """Accuracy rule for a float32 backend. One update: at most twice the float32 reference's
-    error against float64 (plus a floor for a lucky reference) and far under 1e-4. Several
+    """Accuracy rule for a float32 backend, errors relative to the scale of the values. One
+    update: at most twice the float32 reference's error against float64 (plus a floor for a lucky
+    reference) and within the float32 tolerance (far under 1e-4). Several
     updates amplify rounding along the trajectory, differently for every rounding order, so a
     single reference sample says little: there the bound is the 1e-4 that test_retrieve measured
     for the reference itself (worst 5.4e-5 over 300 seeds x every combination).
@@ -86,13 +122,14 @@ def check_against_reference(out, info, queries, memories, values, **kwargs):
         queries, memories, values, return_info=True, **kwargs
     )
     ours, ours_info = reference.retrieve(queries, memories, values, return_info=True, **kwargs)
-    ours_error = rel_err(ours, expected)
-    error = rel_err(out, expected)
+    scale = value_scale(memories if values is None else values)
+    ours_error = rel_err(ours, expected, scale=scale)
+    error = rel_err(out, expected, scale=scale)
     steps = kwargs.get("steps", 1)
     if steps == 1:
-        assert error <= 2 * ours_error + 2e-6 and error < 1e-5, (error, ours_error)
+        assert error <= 2 * ours_error + 2e-6 and error < tolerance(), (error, ours_error)
     else:
-        assert error < 1e-4, (error, ours_error)
+        assert error < tolerance(steps=steps), (error, ours_error)
     if info is None:
         return
     for field in ("steps", "argmax"):

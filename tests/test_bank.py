@@ -142,6 +142,45 @@ def test_load_refuses_another_format_version(tmp_path, gen):
     assert issubclass(BankIntegrityError, ValueError)
 
 
+def _forged(bank: MemoryBank, **changes) -> MemoryBank:
+    """The bank with some of its state replaced behind its back: saving it writes a file whose
+    checksums are all right but whose derived state lies."""
+    from dataclasses import replace
+
+    next_id = changes.pop("next_id", None)
+    bank._state = replace(bank._state, **changes)
+    if next_id is not None:
+        bank._next_id = next_id
+    return bank
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["read", "mapped"])
+def test_load_recomputes_derived_state_instead_of_trusting_it(tmp_path, gen, mmap):
+    keys = torch.randn(300, 7, generator=gen)
+    good = MemoryBank(keys).save(tmp_path / "good")
+    assert torch.equal(MemoryBank.load(good, mmap=mmap).norms, (keys**2).sum(1))
+    forgeries = {
+        "zeroed norms": (dict(norms=torch.zeros(300)), r"norms do not match the keys \(row 0"),
+        "one norm off": (
+            dict(norms=(keys**2).sum(1).index_fill(0, torch.tensor([211]), 1.0)),
+            "row 211",
+        ),
+        "repeated ids": (dict(ids=torch.zeros(300, dtype=torch.long)), "ids are not distinct"),
+        "next id in use": (dict(next_id=299), "id 299 is not below the next free id 299"),
+    }
+    for name, (changes, message) in forgeries.items():
+        path = _forged(MemoryBank(keys), **changes).save(tmp_path / name.replace(" ", "_"))
+        with pytest.raises(BankIntegrityError, match=message):
+            MemoryBank.load(path, mmap=mmap)
+
+
+def test_load_accepts_non_finite_keys_and_their_norms(tmp_path):
+    keys = torch.tensor([[1.0, float("nan")], [float("inf"), 0.0], [3.0, 4.0]])
+    loaded = MemoryBank.load(MemoryBank(keys).save(tmp_path / "bank"))
+    assert torch.equal(loaded.norms[2:], torch.tensor([25.0])) and loaded.norms[0].isnan()
+    assert loaded.norms[1] == float("inf")
+
+
 # ----------------------------------------------------------------------------------- streaming
 # Every combination through the fastest CPU backend, every other one through the torch backend.
 STREAM_CASES = [(BACKENDS[-1], combo) for combo in COMBINATIONS] + (
