@@ -250,7 +250,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
     )
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in results if not r["ok"]]
-    assert len(results) >= 70 and not failed, failed or done.stderr[-2000:]
+    assert len(results) >= 50 and not failed, failed or done.stderr[-2000:]
     assert done.returncode == 0
     compiled = {r["kernel"] for r in results}
     kernels = {"dense._dense_pass_kernel", "dense._combine_kernel", "sparse._candidates_kernel",

@@ -6,8 +6,8 @@ row's maximum) and an offset t on the scale of z (softmax: ``p = exp(beta (s - m
 log of the normaliser; polynomial: ``p = (s / m)^n exp(-t)`` for s > 0; entmax:
 ``p = [(alpha - 1) beta (s - m) - t]_+^q``, ``q = 1 / (alpha - 1)``, t = tau relative to the
 max). Relative to m, nothing cancels or overflows at large beta (see _common.score_tile). The
-backward recomputes the weights tile by tile, as FlashAttention's does. With ``dp = dout V^T`` every separation's score gradient is
-``dz = g (dp - c)``:
+backward recomputes the weights tile by tile, as FlashAttention's does. With ``dp = dout V^T``
+every separation's score gradient is ``dz = g (dp - c)``:
 
 * softmax: ``g = p``, ``c = dout . out``;
 * polynomial: ``g = n p / z`` where ``z > 0``, ``c = dout . out``;
@@ -45,7 +45,9 @@ from ._common import (
     untuned,
 )
 
-SOFTMAX, POLYNOMIAL, ENTMAX = SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"]
+# The codes step_backward takes (hen_fast/codes.py); sparsemax is entmax with alpha 2.
+SOFTMAX, POLYNOMIAL, ENTMAX = (
+    SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"])
 # How g = excess^(q - 1) is formed for entmax: an indicator (sparsemax), excess itself (alpha
 # 1.5), or a general power.
 SLOPE_INDICATOR, SLOPE_LINEAR, SLOPE_POWER = 3, 1, 0
@@ -576,7 +578,8 @@ def step_backward(
     grads = [grad_x]
     for is_values, width in ((False, dim), (True, value_dim)):
         grad = torch.empty(num_memories, width, **f32)
-        block_cols = _column_block(width, similarity_code if not is_values else SIMILARITY["dot"], config)
+        column_code = SIMILARITY["dot"] if is_values else similarity_code
+        block_cols = _column_block(width, column_code, config)
         _grad_bank_kernel[(triton.cdiv(num_memories, block_m), triton.cdiv(width, block_cols))](
             x,
             keys,

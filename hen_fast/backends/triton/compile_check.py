@@ -201,14 +201,17 @@ def _backward_variants(backward, tiles, everything):
 
 
 def _representative(arch, data, sim, form, kind) -> bool:
-    """The backward launches CI compiles: on sm_90 in bf16 every kernel for dot softmax and
-    general entmax and for l2 and manhattan entmax, the other weight forms' dx and slope
-    kernels; elsewhere dot softmax's dx and dK."""
+    """The backward launches CI compiles (each takes tens of seconds): on sm_90 in bf16 dot
+    softmax's three kernels, the entmax slope pass, l2's dK (its norm term) and manhattan's dx
+    and dK (their sign paths); on sm_80 dot softmax's dx. ``--all`` compiles every one."""
     if arch == 90 and data == "bf16":
-        if form == "entmax" or (sim == 0 and form == "softmax"):
-            return True
-        return sim == 0 and kind in ("grad-queries", "slope-values")
-    return sim == 0 and form == "softmax" and kind in ("grad-queries", "grad-keys")
+        if sim == 0:
+            return form == "softmax" or form == "entmax" and kind == "slope-values"
+        if form == "entmax":
+            return kind == "grad-keys" or sim == 2 and kind == "grad-queries"
+        return False
+    return arch == 80 and data == "bf16" and sim == 0 and form == "softmax" and (
+        kind == "grad-queries")
 
 
 def main() -> int:
