@@ -4,11 +4,15 @@ Each program takes BLOCK_B queries and one split of the bank (and one BLOCK_DV s
 values), streams the split in BLOCK_M tiles and writes float32 partial states; `_combine_kernel`
 merges the splits. Weights:
 
-* softmax: online softmax (running max m, sum l, accumulator rescaled by exp(m_old - m_new)),
-  exp2 with log2(e) folded in. Merge: ``O = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
-* polynomial: ``relu(z)^n`` scaled by the running max of relu(z), which cancels in the ratio.
+* softmax: online softmax over the similarities s (running max m of s, sum l, accumulator
+  rescaled by exp(beta (m_old - m_new))), weights ``exp(beta (s - m))`` with beta log2(e)
+  folded into exp2. Merge: ``O = sum_s w_s acc_s / sum_s w_s l_s``, ``w_s = exp(beta (m_s - m))``.
+  Only differences from the max are scaled by beta: ``beta * s`` itself may overflow float32
+  (beta up to 1e30), and a row or split with no finite score shifts by 0, never -inf - -inf.
+* polynomial: ``relu(s)^n`` scaled by the running max of relu(s) (beta cancels in the ratio).
 * entmax with a known threshold (the sparse separations' full output pass):
-  ``[(alpha-1) z - tau]_+^q``, no rescaling; the partial sums simply add.
+  ``[(alpha-1) beta (s - ref) - tau]_+^q`` with tau relative to the row max ref; no rescaling,
+  the partial sums simply add.
 
 For auto-association (values are the keys, dot or l2, a 16-bit bank with d <= 256) one key tile
 serves as both the scores' operand and the values: the bank is read once per pass. Every program
