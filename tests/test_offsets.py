@@ -4,7 +4,7 @@ Triton hands an integer argument below 2^31 to a kernel as int32, so a row strid
 as int32 and row x stride wraps past 2^31 unless the kernel widens it first (a bank of 1e7 x 256
 is past 2^31 elements). Each tensor here is a strided view into one reservation of its whole span
 (``torch.empty``: pages never written cost no memory, and nothing here reads or writes outside the
-view), with only its few rows written: megabytes of memory for some 30 GiB of address space.
+view), with only its few rows written: megabytes of memory for about 40 GiB of address space.
 Every backend must give the float64 oracle's answer on compact copies of the same values, forward
 and backward, and so must the separation-loss kernel.
 """

@@ -134,7 +134,7 @@ def score_tile(
     memories past the bank are -inf.
 
     Callers scale differences from a row's maximum, ``beta * (s - max)``, never ``beta * s``
-    itself: that stays finite and exact where ``beta * s`` would overflow float32 or cancel
+    itself: that stays finite and accurate where ``beta * s`` would overflow float32 or cancel
     (beta up to 1e30). dot and l2 go through tl.dot over BLOCK_D slices of d (l2 as
     2 x.k - ||k||^2 with the bank's float32 squared norms); manhattan has no matrix-unit form and
     sums |x - k| in registers.

@@ -6,8 +6,8 @@ sparse separations' rare overflow fallback is the one place that reads a flag ba
 
 When autograd needs a backward pass, each update is a :class:`~.backward.RetrieveStep` (the same
 fused forward, which also returns the per-row (reference similarity, offset) pair the backward
-recomputes the weights from), and
-the host-driven loop :func:`hen_fast.reference.iterate` chains the steps.
+recomputes the weights from), and the host-driven loop :func:`hen_fast.reference.iterate`
+chains the steps.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import math
 import torch
 import triton
 
-from ... import reference
+from ... import codes, reference
 from ...info import RetrieveInfo
 from ...reference import SOFTMAX_SUPPORT_EPS, separation_alpha
-from ... import codes
 from ._common import cached_sq_norms, dot_settings, interpreting, num_splits
 from .backward import RetrieveStep
 from .dense import dense_pass
