@@ -233,7 +233,8 @@ def test_gpu_benchmark_script_smoke(tmp_path):
 
 
 def test_every_kernel_compiles_for_hopper_and_ampere():
-    """The kernels as a GPU would build them (sm_90 and sm_80 cubins), checked without one."""
+    """The kernels as a GPU would build them (sm_90 and sm_80 cubins), checked without one:
+    every kernel of the backend, the backward and separation-loss kernels included."""
     import json
     import os
     import subprocess
@@ -245,12 +246,36 @@ def test_every_kernel_compiles_for_hopper_and_ampere():
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,
     )
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in results if not r["ok"]]
-    assert len(results) >= 40 and not failed, failed or done.stderr[-2000:]
+    assert len(results) >= 50 and not failed, failed or done.stderr[-2000:]
     assert done.returncode == 0
+    compiled = {r["kernel"] for r in results}
+    kernels = {"dense._dense_pass_kernel", "dense._combine_kernel", "sparse._candidates_kernel",
+               "sparse._gather_kernel", "stats._threshold_stats_kernel",
+               "backward._slope_values_kernel", "backward._grad_queries_kernel",
+               "backward._grad_bank_kernel", "separation_loss._pair_stats_kernel"}  # fmt: skip
+    assert kernels <= compiled, kernels - compiled
+
+
+def test_compile_check_covers_every_kernel_of_the_backend():
+    """A kernel added to the backend without a compile_check variant fails here (fast: nothing
+    is compiled)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = (
+        "from hen_fast.backends.triton import compile_check as c\n"
+        "kernels = c.all_kernels()\n"
+        "assert len(kernels) >= 9, sorted(kernels)\n"
+        "assert not c.missing_kernels(), c.missing_kernels()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[2] in (1.5, 1.25)], ids=combo_id)
@@ -323,8 +348,9 @@ def test_blocks_of_converged_queries_stream_nothing(gen):
         memories,
         None,
         active,
+        torch.zeros(40),
         torch.full((40,), -math.inf),
-        beta=1.0,
+        scale=1.0,
         similarity_code=0,
         splits=3,
         config=config,
@@ -332,3 +358,134 @@ def test_blocks_of_converged_queries_stream_nothing(gen):
     block = config["BLOCK_B"]
     assert count[:block].eq(0).all() and count[block : 2 * block].eq(300).all()
     assert count[2 * block :].eq(0).all()
+
+
+# ------------------------------------------------------------------------------------ extremes
+EXTREME_BETAS = (1e3, 1e8, 1e30)
+
+
+def _exact_problem(gen, num_queries, num_memories, dim, value_dim, scale=1.0):
+    """Inputs on a grid of 1/64 (times a power of two ``scale``): every similarity is exact in
+    float32, so a float32 kernel and the float64 oracle see the same scores, the same ties, and
+    gaps of at least 2^-12 * scale^2 between different scores."""
+
+    def grid(*shape):
+        return torch.randint(-64, 65, shape, generator=gen).float() / 64
+
+    memories, values = grid(num_memories, dim) * scale, grid(num_memories, value_dim)
+    if num_memories > 4:  # duplicated memories: exact ties, wherever they fall in the ranking
+        memories[num_memories - 1] = memories[1]
+        memories[num_memories // 2] = memories[1]
+    queries = grid(num_queries, dim) * scale
+    queries[0] = memories[min(1, num_memories - 1)]
+    return queries, memories, values
+
+
+def _float64_expectation(queries, memories, values, *, beta, similarity, separation, alpha):
+    """(the float64 output, its argmax limit). The oracle's weights are computed on scores
+    shifted to a row maximum of 0 (the same weights, exactly: softmax and entmax are shift
+    invariant, polynomial is beta invariant), so they stay finite at any beta; the limit puts
+    all weight on the best-scoring memories, split evenly among exact ties."""
+    scores = reference.naive_scores(queries, memories, similarity)
+    top = scores.max(dim=1, keepdim=True).values
+    if separation == "polynomial":
+        weights = reference.naive_separation(scores, "polynomial")
+    else:
+        weights = reference.naive_separation(beta * (scores - top), separation, alpha)
+    best = (scores == top).double()
+    limit = (best / best.sum(dim=1, keepdim=True)) @ values.double()
+    return weights @ values.double(), limit, scores.argmax(dim=1)
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_extreme_beta_and_scores_are_finite_and_exact(combo):
+    """beta 1e3, 1e8 and 1e30 (beta * score far past float32's range) on exact scores, with ties
+    and duplicated memories, one-memory banks, d = 1, and scores near float32's maximum: the
+    float64 oracle's output, the argmax limit once beta is large, never NaN. The sparse
+    separations also take the Newton fallback (a candidate buffer of 2)."""
+    similarity, separation, alpha = combo
+    gen = torch.Generator().manual_seed(12)
+    huge = 2.0**60 if similarity != "manhattan" else 2.0**120  # scores ~1e37
+    cases = [
+        ("ties", _exact_problem(gen, 5, 37, 6, 3)),
+        ("one memory", _exact_problem(gen, 3, 1, 4, 2)),
+        ("d = 1", _exact_problem(gen, 4, 9, 1, 2)),
+        ("scores near float32 max", _exact_problem(gen, 3, 11, 6, 2, scale=huge)),
+    ]
+    sparse = separation in ("sparsemax", "entmax")
+    for name, (queries, memories, values) in cases:
+        for beta in EXTREME_BETAS:
+            kwargs = dict(beta=beta, similarity=similarity, separation=separation, alpha=alpha)
+            expected, limit, first_best = _float64_expectation(queries, memories, values, **kwargs)
+            for capacity in (256, 2) if sparse else (256,):
+                out, info = _triton(
+                    queries, memories, values, return_info=True, capacity=capacity, **kwargs
+                )
+                where = (name, beta, capacity)
+                assert bool(torch.isfinite(out).all()), where
+                assert rel_err(out, expected) < 1e-5, (where, rel_err(out, expected))
+                if beta == 1e30 and separation != "polynomial":
+                    assert rel_err(out, limit) < 1e-6, where
+                assert torch.equal(info.argmax, first_best), where
+
+
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax", "polynomial"])
+def test_scores_that_overflow_float32_give_the_limit(separation):
+    """beta * score = 1e30 * ~1e9 is +inf in float32 for every memory: the best one still takes
+    all the weight (not a NaN from inf - inf, nor an even split over every overflowed score)."""
+    memories = torch.tensor([[3.0e4], [3.2e4], [-3.0e4], [3.1e4]])
+    queries = torch.tensor([[3.0e4], [-3.0e4]])
+    values = torch.eye(4)
+    for splits in (1, 3):
+        out = _triton(queries, memories, values, beta=1e30, separation=separation,
+                      num_splits_override=splits)[0]  # fmt: skip
+        if separation == "polynomial":  # relu(z)^10 normalised: beta cancels; row 2 is zero
+            expected = reference.naive_retrieve(queries, memories, values, separation=separation)
+            assert rel_err(out, expected) < 1e-5
+        else:
+            assert torch.equal(out, torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0]]))
+
+
+def test_a_split_whose_scores_are_all_minus_inf_adds_nothing():
+    """l2 scores of -1e30 * 1e9: -inf in float32 for a whole bank split and tile. The online
+    softmax and the split merge shift such rows by 0 instead of computing exp(-inf - -inf)."""
+    memories = torch.cat([torch.full((300, 2), 3.0e4), torch.zeros(5, 2)])
+    values = torch.arange(305.0)[:, None]
+    queries = torch.zeros(1, 2)
+    for separation in ("softmax", "sparsemax", "entmax"):
+        out = _triton(queries, memories, values, beta=1e30, similarity="l2",
+                      separation=separation, num_splits_override=2)[0]  # fmt: skip
+        assert torch.equal(out, torch.tensor([[302.0]])), separation  # the mean of 300..304
+
+
+def _odd_strides(tensor: torch.Tensor, gen) -> torch.Tensor:
+    """The same values in a view whose strides are odd, neither 1 nor a multiple of 16: Triton
+    specialises integer arguments equal to 1 or divisible by 16, so this runs the generic path
+    (row stride an odd number above 3 x cols, column stride 3). The gaps hold NaN."""
+    rows, cols = tensor.shape
+    row_stride = 3 * cols + 2 * randint(gen, 0, 4) + 1 + (3 * cols % 2)
+    if row_stride % 16 == 0:
+        row_stride += 2
+    buffer = torch.full(((rows - 1) * row_stride + 3 * (cols - 1) + 1,), float("nan"))
+    view = buffer.to(tensor.dtype).as_strided((rows, cols), (row_stride, 3))
+    view.copy_(tensor)
+    assert all(s != 1 and s % 16 for s in view.stride()), view.stride()
+    return view
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_unspecialised_odd_strides(gen, combo):
+    queries, memories, values = random_problem(gen, dtype=torch.float32, max_memories=150)
+    odd = [_odd_strides(t.contiguous(), gen) for t in (queries, memories, values)]
+    out, info = _triton(*odd, return_info=True, num_splits_override=2, **combo_kwargs(combo))
+    _check(out, info, queries, memories, values, **combo_kwargs(combo))
+
+
+@pytest.mark.parametrize("separation", ["softmax", "entmax"])
+def test_unspecialised_odd_strides_backward(gen, separation):
+    from test_backward import check_gradients
+
+    queries, memories, values = random_problem(gen, dtype=torch.float32, max_memories=100)
+    odd = [_odd_strides(t.contiguous(), gen) for t in (queries, memories, values)]
+    check_gradients("triton", *odd, gen=gen, device=DEVICE, beta=0.5, similarity="l2",
+                    separation=separation, alpha=1.5)  # fmt: skip

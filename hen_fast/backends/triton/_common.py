@@ -12,9 +12,19 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import codes
 from ..norms import cached_sq_norms  # noqa: F401  (re-exported for the launcher)
 
-SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
+# The similarity and separation codes (hen_fast/codes.py is their one definition): ints for the
+# launchers, and the same values as constexprs, which kernels may read as globals.
+SIMILARITY = codes.SIMILARITY_CODES
+SEPARATION = codes.SEPARATION_CODES
+SIM_DOT: tl.constexpr = tl.constexpr(SIMILARITY["dot"])
+SIM_L2: tl.constexpr = tl.constexpr(SIMILARITY["l2"])
+SIM_MANHATTAN: tl.constexpr = tl.constexpr(SIMILARITY["manhattan"])
+SEP_SOFTMAX: tl.constexpr = tl.constexpr(SEPARATION["softmax"])
+SEP_POLYNOMIAL: tl.constexpr = tl.constexpr(SEPARATION["polynomial"])
+SEP_ENTMAX: tl.constexpr = tl.constexpr(SEPARATION["entmax"])
 # Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
 # boundaries do not depend on the tile size an autotuner picks.
 SPLIT_ALIGN = 256
@@ -106,29 +116,45 @@ def block_and_split(active_ptr, num_rows, num_memories, rows_per_split, BLOCK_B:
 
 
 @triton.jit
+def tile_offsets(rows, cols, stride_row, stride_col):
+    """Element offsets of a (rows, cols) tile, in int64. Triton hands a stride below 2^31 to the
+    kernel as int32, and row x stride passes 2^31 in the banks this package is for (1e7 x 256),
+    as it does for rows 2^30 elements apart; so the indices are widened before the multiply (one
+    vector per axis, then one int64 add per element, which the address needs anyway)."""
+    return rows.to(tl.int64)[:, None] * stride_row + cols.to(tl.int64)[None, :] * stride_col
+
+
+@triton.jit
 def score_tile(
     x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd, stride_km,
-    stride_kd, dim, beta, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    stride_kd, dim, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """beta * sim for a (BLOCK_B, BLOCK_M) tile in float32; memories past the bank are -inf.
+    """The similarity of a (BLOCK_B, BLOCK_M) tile in float32, not yet multiplied by beta;
+    memories past the bank are -inf.
 
-    dot and l2 go through tl.dot over BLOCK_D slices of d (l2 as 2 x.k - ||k||^2 with the bank's
-    float32 squared norms); manhattan has no matrix-unit form and sums |x - k| in registers.
+    Callers scale differences from a row's maximum, ``beta * (s - max)``, never ``beta * s``
+    itself: that stays finite and accurate where ``beta * s`` would overflow float32 or cancel
+    (beta up to 1e30). dot and l2 go through tl.dot over BLOCK_D slices of d (l2 as
+    2 x.k - ||k||^2 with the bank's float32 squared norms); manhattan has no matrix-unit form and
+    sums |x - k| in registers.
     """
     acc = tl.zeros((BLOCK_B, BLOCK_M), dtype=tl.float32)
+    x_rows = rows.to(tl.int64)[:, None] * stride_xb
+    k_rows = mems.to(tl.int64)[:, None] * stride_km
     for d0 in range(0, dim, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         col_mask = cols < dim
+        wide_cols = cols.to(tl.int64)[None, :]
         x = tl.load(
-            x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+            x_ptr + x_rows + wide_cols * stride_xd,
             mask=row_mask[:, None] & col_mask[None, :], other=0.0,
         )
         k = tl.load(
-            k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
+            k_ptr + k_rows + wide_cols * stride_kd,
             mask=mem_mask[:, None] & col_mask[None, :], other=0.0,
         )
-        if SIM == 2:
+        if SIM == SIM_MANHATTAN:
             diff = x.to(tl.float32)[:, None, :] - k.to(tl.float32)[None, :, :]
             acc += tl.sum(tl.abs(diff), axis=2)
         else:
@@ -136,18 +162,25 @@ def score_tile(
                 x = x.to(tl.float32)
                 k = k.to(tl.float32)
             acc = tl.dot(x, tl.trans(k), acc, input_precision=PRECISION)
-    return finish_scores(acc, norms_ptr, mems, mem_mask, beta, SIM)
+    return finish_scores(acc, norms_ptr, mems, mem_mask, SIM)
 
 
 @triton.jit
-def finish_scores(acc, norms_ptr, mems, mem_mask, beta, SIM: tl.constexpr):
-    """beta * sim from the raw tile (x.k for dot and l2, sum |x - k| for manhattan)."""
-    if SIM == 1:
+def finish_scores(acc, norms_ptr, mems, mem_mask, SIM: tl.constexpr):
+    """The similarity from the raw tile (x.k for dot and l2, sum |x - k| for manhattan)."""
+    if SIM == SIM_L2:
         norms = tl.load(norms_ptr + mems, mask=mem_mask, other=0.0)
         acc = 2.0 * acc - norms[None, :]
-    if SIM == 2:
+    if SIM == SIM_MANHATTAN:
         acc = -acc
-    return tl.where(mem_mask[None, :], beta * acc, float("-inf"))
+    return tl.where(mem_mask[None, :], acc, float("-inf"))
+
+
+@triton.jit
+def safe_shift(row_max):
+    """The row maximum to subtract before exponentiating, 0 for a row with no finite score yet:
+    exp(-inf - 0) is 0 where exp(-inf - -inf) would be NaN."""
+    return tl.where(row_max > float("-inf"), row_max, 0.0)
 
 
 @triton.jit

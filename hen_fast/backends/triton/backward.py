@@ -1,11 +1,13 @@
 """The backward pass of one retrieval update on Triton kernels, and its autograd Function.
 
-For ``out = p(z) V`` with ``z = beta * sim(x, K)``, the forward saves x, K, V, out and one number
-per query, the threshold t that turns a score into its weight (softmax: ``p = exp(z - t)``, t the
-log-sum-exp; polynomial: ``p = relu(z)^n exp(-t)``; entmax: ``p = [(alpha - 1) z - t]_+^q``,
-``q = 1 / (alpha - 1)``, t = tau). The backward recomputes the weights tile by tile, as
-FlashAttention's does. With ``dp = dout V^T`` every separation's score gradient is
-``dz = g (dp - c)``:
+For ``out = p(z) V`` with ``z = beta * s``, ``s = sim(x, K)``, the forward saves x, K, V, out and
+two numbers per query that turn a similarity into its weight: a reference similarity m (the
+row's maximum) and an offset t on the scale of z (softmax: ``p = exp(beta (s - m) - t)``, t the
+log of the normaliser; polynomial: ``p = (s / m)^n exp(-t)`` for s > 0; entmax:
+``p = [(alpha - 1) beta (s - m) - t]_+^q``, ``q = 1 / (alpha - 1)``, t = tau relative to the
+max). Relative to m, nothing cancels or overflows at large beta (see _common.score_tile). The
+backward recomputes the weights tile by tile, as FlashAttention's does. With ``dp = dout V^T``
+every separation's score gradient is ``dz = g (dp - c)``:
 
 * softmax: ``g = p``, ``c = dout . out``;
 * polynomial: ``g = n p / z`` where ``z > 0``, ``c = dout . out``;
@@ -25,9 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, interpreting, power, score_tile, split_size, strides, untuned
+from ._common import (
+    LOG2E,
+    SEP_ENTMAX,
+    SEP_POLYNOMIAL,
+    SEP_SOFTMAX,
+    SEPARATION,
+    SIM_L2,
+    SIM_MANHATTAN,
+    SIMILARITY,
+    interpreting,
+    power,
+    score_tile,
+    split_size,
+    strides,
+    tile_offsets,
+    untuned,
+)
 
-SOFTMAX, POLYNOMIAL, ENTMAX = 0, 1, 2
+# The codes step_backward takes (hen_fast/codes.py); sparsemax is entmax with alpha 2.
+SOFTMAX, POLYNOMIAL, ENTMAX = (
+    SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"])
 # How g = excess^(q - 1) is formed for entmax: an indicator (sparsemax), excess itself (alpha
 # 1.5), or a general power.
 SLOPE_INDICATOR, SLOPE_LINEAR, SLOPE_POWER = 3, 1, 0
@@ -35,9 +55,11 @@ SLOPE_INDICATOR, SLOPE_LINEAR, SLOPE_POWER = 3, 1, 0
 
 @triton.jit
 def _weights_and_slopes(
-    z,
+    s,
+    ref,
     t,
     row_mask,
+    beta,
     degree,
     alpha_minus_1,
     q,
@@ -46,20 +68,23 @@ def _weights_and_slopes(
     Q_KIND: tl.constexpr,
     G_KIND: tl.constexpr,
 ):
-    """(p, g) of a (BLOCK_B, BLOCK_M) score tile; zero outside the rows and the bank (z = -inf
-    there)."""
-    if SEP == 0:
-        p = tl.exp2((z - t[:, None]) * LOG2E)
+    """(p, g = dp/dz) of a (BLOCK_B, BLOCK_M) tile of similarities s; zero outside the rows and
+    the bank (s = -inf there)."""
+    if SEP == SEP_SOFTMAX:
+        p = tl.exp2(((s - ref[:, None]) * beta - t[:, None]) * LOG2E)
         g = p
-    elif SEP == 1:
-        positive = z > 0
-        log_r = tl.log(tl.where(positive, z, 1.0))
-        # A row without a positive score has t = -inf and zero weights.
+    elif SEP == SEP_POLYNOMIAL:
+        positive = s > 0
+        # A row without a positive score has m = 0, t = -inf and zero weights.
+        safe_ref = tl.where(ref > 0, ref, 1.0)
         safe_t = tl.where(t == float("-inf"), float("inf"), t)
+        log_r = tl.log(tl.where(positive, s, 1.0) / safe_ref[:, None])
         p = tl.where(positive, tl.exp(degree * log_r - safe_t[:, None]), 0.0)
+        # n p / z = n (s / m)^(n - 1) exp(-t) / (beta m)
         g = tl.where(positive, degree * tl.exp((degree - 1.0) * log_r - safe_t[:, None]), 0.0)
+        g = g / (beta * safe_ref[:, None])
     else:
-        excess = tl.maximum(alpha_minus_1 * z - t[:, None], 0.0)
+        excess = tl.maximum(alpha_minus_1 * beta * (s - ref[:, None]) - t[:, None], 0.0)
         p = power(excess, q, Q_KIND)
         if G_KIND == 3:
             g = (excess > 0).to(tl.float32)
@@ -93,12 +118,12 @@ def _score_grads(
         cols = c0 + tl.arange(0, BLOCK_DV)
         col_mask = cols < value_dim
         dout = tl.load(
-            dout_ptr + rows[:, None] * value_dim + cols[None, :],
+            dout_ptr + tile_offsets(rows, cols, value_dim, 1),
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
         values = tl.load(
-            v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
+            v_ptr + tile_offsets(mems, cols, stride_vm, stride_vd),
             mask=mem_mask[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -117,6 +142,7 @@ def _slope_values_kernel(
     k_ptr,
     norms_ptr,
     v_ptr,
+    ref_ptr,
     t_ptr,
     part_acc_ptr,
     part_total_ptr,
@@ -152,13 +178,14 @@ def _slope_values_kernel(
     stop = tl.minimum(start + rows_per_split, num_memories)
     cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_mask = cols < value_dim
+    ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
     t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
     total = tl.zeros((BLOCK_B,), tl.float32)
     for m0 in range(start, stop, BLOCK_M):
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < stop
-        z = score_tile(
+        s = score_tile(
             x_ptr,
             k_ptr,
             norms_ptr,
@@ -171,7 +198,6 @@ def _slope_values_kernel(
             stride_km,
             stride_kd,
             dim,
-            beta,
             SIM,
             BLOCK_B,
             BLOCK_M,
@@ -179,17 +205,19 @@ def _slope_values_kernel(
             DOT_F32,
             PRECISION,
         )
-        _, g = _weights_and_slopes(z, t, row_mask, 1.0, alpha_minus_1, 1.0, q_minus_1, 2, 1, G_KIND)
+        _, g = _weights_and_slopes(
+            s, ref, t, row_mask, beta, 1.0, alpha_minus_1, 1.0, q_minus_1, SEP_ENTMAX, 1, G_KIND
+        )
         values = tl.load(
-            v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
+            v_ptr + tile_offsets(mems, cols, stride_vm, stride_vd),
             mask=mem_mask[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
         acc = tl.dot(g, values, acc, input_precision="ieee")
         total += tl.sum(g, axis=1)
-    part = rows * num_splits + pid_s
+    part = rows.to(tl.int64) * num_splits + pid_s
     tl.store(
-        part_acc_ptr + part[:, None] * value_dim + cols[None, :],
+        part_acc_ptr + tile_offsets(part, cols, value_dim, 1),
         acc,
         mask=row_mask[:, None] & col_mask[None, :],
     )
@@ -203,6 +231,7 @@ def _grad_queries_kernel(
     k_ptr,
     norms_ptr,
     v_ptr,
+    ref_ptr,
     t_ptr,
     dout_ptr,
     shift_ptr,
@@ -240,11 +269,12 @@ def _grad_queries_kernel(
     row_mask = rows < num_rows
     dcols = tl.program_id(1) * BLOCK_DX + tl.arange(0, BLOCK_DX)
     dcol_mask = dcols < dim
+    ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
     t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
     shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
-    if SIM == 2:
+    if SIM == SIM_MANHATTAN:
         x_slice = tl.load(
-            x_ptr + rows[:, None] * stride_xb + dcols[None, :] * stride_xd,
+            x_ptr + tile_offsets(rows, dcols, stride_xb, stride_xd),
             mask=row_mask[:, None] & dcol_mask[None, :],
             other=0.0,
         )
@@ -252,7 +282,7 @@ def _grad_queries_kernel(
     for m0 in range(0, num_memories, BLOCK_M):
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < num_memories
-        z = score_tile(
+        s = score_tile(
             x_ptr,
             k_ptr,
             norms_ptr,
@@ -265,7 +295,6 @@ def _grad_queries_kernel(
             stride_km,
             stride_kd,
             dim,
-            beta,
             SIM,
             BLOCK_B,
             BLOCK_M,
@@ -274,7 +303,7 @@ def _grad_queries_kernel(
             PRECISION,
         )
         _, g = _weights_and_slopes(
-            z, t, row_mask, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
+            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
         )
         dz = _score_grads(
             dout_ptr,
@@ -293,17 +322,17 @@ def _grad_queries_kernel(
             BLOCK_DV,
         )
         keys = tl.load(
-            k_ptr + mems[:, None] * stride_km + dcols[None, :] * stride_kd,
+            k_ptr + tile_offsets(mems, dcols, stride_km, stride_kd),
             mask=mem_mask[:, None] & dcol_mask[None, :],
             other=0.0,
         ).to(tl.float32)
-        if SIM == 2:  # d(-|x - k|)/dx = -sign(x - k)
+        if SIM == SIM_MANHATTAN:  # d(-|x - k|)/dx = -sign(x - k)
             signs = _sign(x_slice[:, None, :] - keys[None, :, :])
             acc -= tl.sum(dz[:, :, None] * signs, axis=1)
         else:
             acc = tl.dot(dz, keys, acc, input_precision="ieee")
     tl.store(
-        grad_x_ptr + rows[:, None] * dim + dcols[None, :],
+        grad_x_ptr + tile_offsets(rows, dcols, dim, 1),
         scale * acc,
         mask=row_mask[:, None] & dcol_mask[None, :],
     )
@@ -315,6 +344,7 @@ def _grad_bank_kernel(
     k_ptr,
     norms_ptr,
     v_ptr,
+    ref_ptr,
     t_ptr,
     dout_ptr,
     shift_ptr,
@@ -357,7 +387,7 @@ def _grad_bank_kernel(
     col_mask = cols < width
     if not VALUES:
         keys = tl.load(
-            k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
+            k_ptr + tile_offsets(mems, cols, stride_km, stride_kd),
             mask=mem_mask[:, None] & col_mask[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -366,8 +396,9 @@ def _grad_bank_kernel(
     for r0 in range(0, num_rows, BLOCK_B):
         rows = r0 + tl.arange(0, BLOCK_B)
         row_mask = rows < num_rows
+        ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
         t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
-        z = score_tile(
+        s = score_tile(
             x_ptr,
             k_ptr,
             norms_ptr,
@@ -380,7 +411,6 @@ def _grad_bank_kernel(
             stride_km,
             stride_kd,
             dim,
-            beta,
             SIM,
             BLOCK_B,
             BLOCK_M,
@@ -389,11 +419,11 @@ def _grad_bank_kernel(
             PRECISION,
         )
         p, g = _weights_and_slopes(
-            z, t, row_mask, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
+            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
         )
         if VALUES:
             dout = tl.load(
-                dout_ptr + rows[:, None] * value_dim + cols[None, :],
+                dout_ptr + tile_offsets(rows, cols, value_dim, 1),
                 mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0,
             )
@@ -417,22 +447,22 @@ def _grad_bank_kernel(
                 BLOCK_DV,
             )
             x = tl.load(
-                x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+                x_ptr + tile_offsets(rows, cols, stride_xb, stride_xd),
                 mask=row_mask[:, None] & col_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            if SIM == 2:  # d(-|x - k|)/dk = sign(x - k)
+            if SIM == SIM_MANHATTAN:  # d(-|x - k|)/dk = sign(x - k)
                 signs = _sign(x[:, None, :] - keys[None, :, :])
                 acc += tl.sum(dz[:, :, None] * signs, axis=0)
             else:
                 acc = tl.dot(tl.trans(dz), x, acc, input_precision="ieee")
                 column_sum += tl.sum(dz, axis=0)
     if not VALUES:
-        if SIM == 1:  # d(-||k||^2)/dk = -2k; scale is 2 beta
+        if SIM == SIM_L2:  # d(-||k||^2)/dk = -2k; scale is 2 beta
             acc -= column_sum[:, None] * keys
         acc = scale * acc
     tl.store(
-        grad_ptr + mems[:, None] * width + cols[None, :],
+        grad_ptr + tile_offsets(mems, cols, width, 1),
         acc,
         mask=mem_mask[:, None] & col_mask[None, :],
     )
@@ -440,7 +470,7 @@ def _grad_bank_kernel(
 
 def _column_block(width: int, similarity_code: int, config: dict) -> int:
     """Columns of dx / dK / dV per program: manhattan keeps a (B, M, columns) tile in registers."""
-    if similarity_code == 2:
+    if similarity_code == SIMILARITY["manhattan"]:
         return config["BLOCK_D"]
     return min(16 if interpreting() else 64, max(16, triton.next_power_of_2(width)))
 
@@ -468,8 +498,10 @@ def step_backward(
     device = x.device
     f32 = dict(dtype=torch.float32, device=device)
     grad_out = grad_out.float().contiguous()
-    threshold = threshold.float().contiguous()
-    norms = sq_norms if sq_norms is not None else threshold  # read only for l2
+    # (B, 2): each row's reference similarity and the offset on z's scale (see the docstring)
+    ref = threshold[:, 0].float().contiguous()
+    offset = threshold[:, 1].float().contiguous()
+    norms = sq_norms if sq_norms is not None else ref  # read only for l2
     q = 1.0 / (alpha - 1.0)
     q_kind = 1 if q == 1.0 else 2 if q == 2.0 else 0
     g_kind = 3 if q == 1.0 else 1 if q == 2.0 else 0
@@ -478,7 +510,7 @@ def step_backward(
     block_b, block_m = options["BLOCK_B"], options["BLOCK_M"]
     scalars = (
         float(beta),
-        float(2 * beta if similarity_code == 1 else beta),
+        float(2 * beta if similarity_code == SIMILARITY["l2"] else beta),
         float(degree),
         float(alpha - 1.0),
         q,
@@ -498,7 +530,8 @@ def step_backward(
             keys,
             norms,
             values,
-            threshold,
+            ref,
+            offset,
             part_acc,
             part_total,
             num_rows,
@@ -527,7 +560,8 @@ def step_backward(
         keys,
         norms,
         values,
-        threshold,
+        ref,
+        offset,
         grad_out,
         shift,
         grad_x,
@@ -544,13 +578,15 @@ def step_backward(
     grads = [grad_x]
     for is_values, width in ((False, dim), (True, value_dim)):
         grad = torch.empty(num_memories, width, **f32)
-        block_cols = _column_block(width, similarity_code if not is_values else 0, config)
+        column_code = SIMILARITY["dot"] if is_values else similarity_code
+        block_cols = _column_block(width, column_code, config)
         _grad_bank_kernel[(triton.cdiv(num_memories, block_m), triton.cdiv(width, block_cols))](
             x,
             keys,
             norms,
             values,
-            threshold,
+            ref,
+            offset,
             grad_out,
             shift,
             grad,

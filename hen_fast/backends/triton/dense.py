@@ -4,11 +4,15 @@ Each program takes BLOCK_B queries and one split of the bank (and one BLOCK_DV s
 values), streams the split in BLOCK_M tiles and writes float32 partial states; `_combine_kernel`
 merges the splits. Weights:
 
-* softmax: online softmax (running max m, sum l, accumulator rescaled by exp(m_old - m_new)),
-  exp2 with log2(e) folded in. Merge: ``O = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s``.
-* polynomial: ``relu(z)^n`` scaled by the running max of relu(z), which cancels in the ratio.
+* softmax: online softmax over the similarities s (running max m of s, sum l, accumulator
+  rescaled by exp(beta (m_old - m_new))), weights ``exp(beta (s - m))`` with beta log2(e)
+  folded into exp2. Merge: ``O = sum_s w_s acc_s / sum_s w_s l_s``, ``w_s = exp(beta (m_s - m))``.
+  Only differences from the max are scaled by beta: ``beta * s`` itself may overflow float32
+  (beta up to 1e30), and a row or split with no finite score shifts by 0, never -inf - -inf.
+* polynomial: ``relu(s)^n`` scaled by the running max of relu(s) (beta cancels in the ratio).
 * entmax with a known threshold (the sparse separations' full output pass):
-  ``[(alpha-1) z - tau]_+^q``, no rescaling; the partial sums simply add.
+  ``[(alpha-1) beta (s - ref) - tau]_+^q`` with tau relative to the row max ref; no rescaling,
+  the partial sums simply add.
 
 For auto-association (values are the keys, dot or l2, a 16-bit bank with d <= 256) one key tile
 serves as both the scores' operand and the values: the bank is read once per pass. Every program
@@ -25,23 +29,33 @@ import triton.language as tl
 
 from ._common import (
     LOG2E,
+    SEP_ENTMAX,
+    SEP_POLYNOMIAL,
+    SEP_SOFTMAX,
+    SEPARATION,
+    SIMILARITY,
     block_and_split,
     exponent_kind,
     finish_scores,
     interpreting,
     power,
+    safe_shift,
     score_tile,
     split_size,
     strides,
+    tile_offsets,
     tuned,
 )
 
-SOFTMAX, POLYNOMIAL, ENTMAX_WITH_TAU = 0, 1, 2
+# The separation codes the launchers pass (hen_fast/codes.py). ENTMAX_WITH_TAU is entmax's code:
+# this pass computes entmax only from a threshold it is given.
+SOFTMAX, POLYNOMIAL, ENTMAX_WITH_TAU = (
+    SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"])
 
 
 @triton.jit
 def _dense_pass_kernel(
-    x_ptr, k_ptr, norms_ptr, v_ptr, active_ptr, tau_ptr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, active_ptr, ref_ptr, tau_ptr,
     part_max_ptr, part_sum_ptr, part_acc_ptr, part_pz_ptr, part_pa_ptr, part_count_ptr,
     part_best_ptr, part_index_ptr,
     num_rows, num_memories, dim, value_dim, rows_per_split, num_splits,
@@ -57,7 +71,8 @@ def _dense_pass_kernel(
     cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_mask = cols < value_dim
 
-    if SEP == 0:
+    # Maxima are of the unscaled similarity s; weights scale differences from them by beta.
+    if SEP == SEP_SOFTMAX:
         running_max = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     else:
         running_max = tl.zeros((BLOCK_B,), tl.float32)
@@ -68,10 +83,14 @@ def _dense_pass_kernel(
     count = tl.zeros((BLOCK_B,), tl.int32)
     best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     best_index = tl.zeros((BLOCK_B,), tl.int32)
-    if SEP == 2:
+    if SEP == SEP_SOFTMAX:
+        scale = beta * LOG2E
+    if SEP == SEP_ENTMAX:  # weights [(alpha - 1) beta (s - ref) - tau]_+^q, tau relative to ref
+        scale = alpha_minus_1 * beta
+        ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
         tau = tl.load(tau_ptr + rows, mask=row_mask, other=0.0)
     if SAME_KV:  # the whole query row fits one BLOCK_DV slice (cols cover d)
-        queries = tl.load(x_ptr + rows[:, None] * stride_xb + cols[None, :] * stride_xd,
+        queries = tl.load(x_ptr + tile_offsets(rows, cols, stride_xb, stride_xd),
                           mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DOT_F32:
             queries = queries.to(tl.float32)
@@ -80,55 +99,57 @@ def _dense_pass_kernel(
         mems = m0 + tl.arange(0, BLOCK_M)
         mem_mask = mems < stop
         if SAME_KV:
-            values = tl.load(k_ptr + mems[:, None] * stride_km + cols[None, :] * stride_kd,
+            values = tl.load(k_ptr + tile_offsets(mems, cols, stride_km, stride_kd),
                              mask=mem_mask[:, None] & col_mask[None, :], other=0.0)
             if DOT_F32:
                 raw = tl.dot(queries, tl.trans(values.to(tl.float32)), input_precision=PRECISION)
             else:
                 raw = tl.dot(queries, tl.trans(values))
-            z = finish_scores(raw, norms_ptr, mems, mem_mask, beta, SIM)
+            s = finish_scores(raw, norms_ptr, mems, mem_mask, SIM)
         else:
-            z = score_tile(x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask,
-                           stride_xb, stride_xd, stride_km, stride_kd, dim, beta,
+            s = score_tile(x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask,
+                           stride_xb, stride_xd, stride_km, stride_kd, dim,
                            SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION)
-            values = tl.load(v_ptr + mems[:, None] * stride_vm + cols[None, :] * stride_vd,
+            values = tl.load(v_ptr + tile_offsets(mems, cols, stride_vm, stride_vd),
                              mask=mem_mask[:, None] & col_mask[None, :], other=0.0)
-        tile_best = tl.max(z, axis=1)
-        tile_index = tl.argmax(z, axis=1)  # first on ties
+        tile_best = tl.max(s, axis=1)
+        tile_index = tl.argmax(s, axis=1)  # first on ties
         better = tile_best > best  # strict: an earlier tile keeps a tie
         best_index = tl.where(better, m0 + tile_index, best_index)
         best = tl.where(better, tile_best, best)
-        if SEP == 0:
+        if SEP == SEP_SOFTMAX:
             new_max = tl.maximum(running_max, tile_best)
-            rescale = tl.exp2((running_max - new_max) * LOG2E)
-            weights = tl.exp2((z - new_max[:, None]) * LOG2E)
+            shift = safe_shift(new_max)
+            rescale = tl.exp2((running_max - shift) * scale)
+            weights = tl.exp2((s - shift[:, None]) * scale)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
             acc = acc * rescale[:, None]
             running_max = new_max
-        elif SEP == 1:
-            rectified = tl.maximum(z, 0.0)
+        elif SEP == SEP_POLYNOMIAL:  # relu(beta s)^n normalised: beta cancels
+            rectified = tl.maximum(s, 0.0)
             new_max = tl.maximum(running_max, tl.max(rectified, axis=1))
             divisor = tl.where(new_max > 0, new_max, 1.0)
             rescale = power(running_max / divisor, degree, 0)
             weights = power(rectified / divisor[:, None], degree, 0)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
             acc = acc * rescale[:, None]
-            count += tl.sum((z > 0).to(tl.int32), axis=1)
+            count += tl.sum((s > 0).to(tl.int32), axis=1)
             running_max = new_max
         else:
-            excess = tl.maximum(alpha_minus_1 * z - tau[:, None], 0.0)
+            relative = s - ref[:, None]
+            excess = tl.maximum(scale * relative - tau[:, None], 0.0)
             weights = power(excess, q, Q_KIND)
             running_sum += tl.sum(weights, axis=1)
             count += tl.sum((weights > 0).to(tl.int32), axis=1)
-            pz += tl.sum(weights * tl.where(weights > 0, z, 0.0), axis=1)  # z is -inf past M
+            pz += tl.sum(weights * tl.where(weights > 0, relative, 0.0), axis=1)  # -inf past M
             pa += tl.sum(power(weights, alpha, 0), axis=1)
         if DOT_F32:
             acc = tl.dot(weights, values.to(tl.float32), acc, input_precision="ieee")
         else:  # half-precision values: weights rounded to their dtype, as FlashAttention does
             acc = tl.dot(weights.to(values.dtype), values, acc)
 
-    part = rows * num_splits + pid_s
-    tl.store(part_acc_ptr + part[:, None] * value_dim + cols[None, :], acc,
+    part = rows.to(tl.int64) * num_splits + pid_s
+    tl.store(part_acc_ptr + tile_offsets(part, cols, value_dim, 1), acc,
              mask=row_mask[:, None] & col_mask[None, :])
     if pid_v == 0:
         tl.store(part_max_ptr + part, running_max, mask=row_mask)
@@ -143,12 +164,13 @@ def _dense_pass_kernel(
 @triton.jit
 def _combine_kernel(
     part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, total_ptr, top_ptr,
-    num_splits, value_dim, degree,
+    num_splits, value_dim, beta, degree,
     SEP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge one query's split states: out = sum_s w_s acc_s / sum_s w_s l_s, with w_s rescaling
-    split s to the row's max (exp(m_s - m) for softmax, (m_s / m)^n for polynomial, 1 else)."""
-    row, pid_v = tl.program_id(0), tl.program_id(1)
+    split s to the row's max (exp(beta (m_s - m)) for softmax, (m_s / m)^n for polynomial, 1
+    else)."""
+    row, pid_v = tl.program_id(0).to(tl.int64), tl.program_id(1)
     base = row * num_splits
     cols = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_mask = cols < value_dim
@@ -166,15 +188,15 @@ def _combine_kernel(
         splits = s0 + tl.arange(0, BLOCK_S)
         split_mask = splits < num_splits
         split_max = tl.load(part_max_ptr + base + splits, mask=split_mask, other=0.0)
-        if SEP == 0:
-            weight = tl.exp2((split_max - row_max) * LOG2E)
-        elif SEP == 1:
+        if SEP == SEP_SOFTMAX:  # a split (or row) with no finite score weighs 0, not NaN
+            weight = tl.exp2((split_max - safe_shift(row_max)) * (beta * LOG2E))
+        elif SEP == SEP_POLYNOMIAL:
             weight = power(split_max / tl.where(row_max > 0, row_max, 1.0), degree, 0)
         else:
             weight = tl.full((BLOCK_S,), 1.0, tl.float32)
         weight = tl.where(split_mask, weight, 0.0)
         total += weight * tl.load(part_sum_ptr + base + splits, mask=split_mask, other=0.0)
-        partial = tl.load(part_acc_ptr + (base + splits)[:, None] * value_dim + cols[None, :],
+        partial = tl.load(part_acc_ptr + tile_offsets(base + splits, cols, value_dim, 1),
                           mask=split_mask[:, None] & col_mask[None, :], other=0.0)
         acc += tl.sum(weight[:, None] * partial, axis=0)
     row_total = tl.sum(total, axis=0)
@@ -193,13 +215,17 @@ def first_argmax(best: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, separation_code,
-               degree=1.0, alpha=2.0, tau=None, splits, config, want_info=True):
-    """Launch the pass and merge its splits; returns (out, support, argmax, lse) in float32, the
-    last three None unless ``want_info``.
+               degree=1.0, alpha=2.0, ref=None, tau=None, splits, config, want_info=True):
+    """Launch the pass and merge its splits; returns (out, support, argmax, lse, threshold) in
+    float32, support, argmax and lse None unless ``want_info``.
 
-    ``separation_code`` is SOFTMAX, POLYNOMIAL or ENTMAX_WITH_TAU (then ``tau`` (B,) float32 and
-    ``alpha`` in (1, 2]); ``config`` holds BLOCK_B, BLOCK_D, BLOCK_DV, DOT_F32 and PRECISION.
-    ``support`` is only counted for polynomial and entmax (softmax needs the lse first).
+    ``separation_code`` is SOFTMAX, POLYNOMIAL or ENTMAX_WITH_TAU (then ``alpha`` in (1, 2],
+    ``ref`` (B,) a similarity per row, as a rule its maximum, and ``tau`` (B,) the threshold
+    relative to it: weights ``[(alpha - 1) beta (s - ref) - tau]_+^q``); ``config`` holds
+    BLOCK_B, BLOCK_D, BLOCK_DV, DOT_F32 and PRECISION. ``threshold`` (B, 2) is what the weights
+    are recomputed from (see backward.py): (row max of s, log of the normaliser) for softmax and
+    polynomial, (ref, tau) for entmax. ``support`` is only counted for polynomial and entmax
+    (softmax needs the lse first).
     """
     num_rows, dim = x.shape
     num_memories, value_dim = values.shape
@@ -216,17 +242,19 @@ def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, sepa
     # A shared tile holds BLOCK_M x d per pipeline stage: within shared memory for 16-bit banks
     # up to d = 256, not for float32 (the compile check measured 360 KB at d = 256), which reads
     # keys and values separately. The interpreter has no such limit and always tests the path.
-    same_kv = (similarity_code != 2 and values is keys and value_dim <= 256
-               and (not config["DOT_F32"] or interpreting()))
+    same_kv = (similarity_code != SIMILARITY["manhattan"] and values is keys
+               and value_dim <= 256 and (not config["DOT_F32"] or interpreting()))
     config = dict(config)
     if same_kv:
         config["BLOCK_DV"] = max(16, triton.next_power_of_2(value_dim))
     grid = (triton.cdiv(num_rows, config["BLOCK_B"]), splits,
             triton.cdiv(value_dim, config["BLOCK_DV"]))
     kernel, options = tuned(_dense_pass_kernel, config, key=("dim", "value_dim"))
+    entmax = separation_code == ENTMAX_WITH_TAU
     kernel[grid](
         x, keys, sq_norms if sq_norms is not None else part_max, values, active,
-        tau if tau is not None else part_max,  # read only by ENTMAX_WITH_TAU
+        ref.float().contiguous() if entmax else part_max,  # read only by ENTMAX_WITH_TAU
+        tau.float().contiguous() if entmax else part_max,
         part_max, part_sum, part_acc, part_pz, part_pa, part_count, part_best, part_index,
         num_rows, num_memories, dim, value_dim, rows_per_split, splits,
         float(beta), float(degree), float(alpha), float(alpha - 1.0), q,
@@ -239,18 +267,31 @@ def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, sepa
     row_max = torch.empty(num_rows, **f32)
     block_dv = min(128, max(16, triton.next_power_of_2(value_dim)))
     _combine_kernel[(num_rows, triton.cdiv(value_dim, block_dv))](
-        part_max, part_sum, part_acc, out, total, row_max, splits, value_dim, float(degree),
-        SEP=separation_code, BLOCK_S=min(64, triton.next_power_of_2(splits)), BLOCK_DV=block_dv,
+        part_max, part_sum, part_acc, out, total, row_max, splits, value_dim, float(beta),
+        float(degree), SEP=separation_code, BLOCK_S=min(64, triton.next_power_of_2(splits)),
+        BLOCK_DV=block_dv,
     )
+    if entmax:
+        threshold = torch.stack([ref.float(), tau.float()], dim=1)
+    else:  # polynomial: a row without a positive score has no weights, log normaliser -inf
+        threshold = torch.stack([row_max, torch.log(total)], dim=1)
     if not want_info:
-        return out, None, None, None
+        return out, None, None, None, threshold
     _, argmax = first_argmax(part_best, part_index)
     support = part_count.sum(dim=1).long()
+    # The log-normaliser on the kernel's scale, beta s, in float64: beta * max alone may pass
+    # float32's range (the cast below then gives inf, as float32 must).
+    total64 = total.double()
     if separation_code == SOFTMAX:
-        lse = row_max + torch.log(total)
+        lse = beta * row_max.double() + torch.log(total64)
     elif separation_code == POLYNOMIAL:
-        lse = torch.where(total > 0, degree * torch.log(row_max) + torch.log(total), -math.inf)
+        lse = torch.where(
+            total > 0,
+            degree * (math.log(beta) + torch.log(row_max.double())) + torch.log(total64),
+            -math.inf,
+        )
     else:
-        lse = part_pz.sum(dim=1) / total + (
-            1.0 - part_pa.sum(dim=1) / total**alpha) / (alpha * (alpha - 1.0))
-    return out, support, argmax, lse
+        mean_score = ref.double() + part_pz.sum(dim=1).double() / total64
+        tsallis = (1.0 - part_pa.sum(dim=1).double() / total64**alpha) / (alpha * (alpha - 1.0))
+        lse = beta * mean_score + tsallis
+    return out, support, argmax, lse.float(), threshold

@@ -5,8 +5,9 @@ device, the kernels skip blocks of converged queries, and the loop runs ``steps`
 sparse separations' rare overflow fallback is the one place that reads a flag back).
 
 When autograd needs a backward pass, each update is a :class:`~.backward.RetrieveStep` (the same
-fused forward, which also returns the threshold the backward recomputes the weights from), and
-the host-driven loop :func:`hen_fast.reference.iterate` chains the steps.
+fused forward, which also returns the per-row (reference similarity, offset) pair the backward
+recomputes the weights from), and the host-driven loop :func:`hen_fast.reference.iterate`
+chains the steps.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import math
 import torch
 import triton
 
-from ... import reference
+from ... import codes, reference
 from ...info import RetrieveInfo
 from ...reference import SOFTMAX_SUPPORT_EPS, separation_alpha
-from ._common import SIM_CODES, cached_sq_norms, dot_settings, interpreting, num_splits
-from .backward import ENTMAX, RetrieveStep
-from .dense import POLYNOMIAL, SOFTMAX, dense_pass
+from ._common import cached_sq_norms, dot_settings, interpreting, num_splits
+from .backward import RetrieveStep
+from .dense import dense_pass
 from .sparse import DEFAULT_CAPACITY, sparse_step
 from .stats import threshold_stats
 
@@ -58,7 +59,7 @@ def retrieve(
     num_rows, dim = queries.shape
     num_memories, value_dim = values.shape
     device = queries.device
-    similarity_code = SIM_CODES[similarity]
+    similarity_code = codes.similarity_code(similarity)
     if similarity == "l2" and sq_norms is None:
         with torch.no_grad():  # the backward differentiates ||k||^2 itself
             sq_norms = cached_sq_norms(memories)
@@ -72,28 +73,32 @@ def retrieve(
     splits = num_splits_override or num_splits(
         triton.cdiv(num_rows, config["BLOCK_B"]), num_memories, device
     )
-    common = dict(beta=beta, similarity_code=similarity_code, splits=splits, config=config)
+    stats_options = dict(similarity_code=similarity_code, splits=splits, config=config)
+    common = dict(beta=beta, **stats_options)
 
     def one_step(x, active, want_threshold=False):
-        """(out, support, argmax, lse) and, with want_threshold, the weights' threshold: the
-        kernel-scale log-normaliser (softmax, polynomial) or tau (entmax), float32."""
+        """(out, support, argmax, lse) and, with want_threshold, what the weights are recomputed
+        from: (B, 2) float32, each row's reference similarity and offset (see backward.py)."""
         if separation in ("softmax", "polynomial"):
-            code = SOFTMAX if separation == "softmax" else POLYNOMIAL
-            out, support, argmax, lse = dense_pass(
+            code = codes.separation_code(separation)
+            out, support, argmax, lse, threshold = dense_pass(
                 x, memories, sq_norms, values, active, separation_code=code, degree=float(degree),
                 want_info=return_info or want_threshold, **common,
             )
-            threshold = lse
             if separation == "softmax" and return_info:
-                cut = lse + math.log(SOFTMAX_SUPPORT_EPS)
-                support, _, _ = threshold_stats(x, memories, sq_norms, active, cut, **common)
+                # p > eps  <=>  beta (s - max) > log(normaliser) + log(eps)
+                cut = threshold[:, 1] + math.log(SOFTMAX_SUPPORT_EPS)
+                support, _, _ = threshold_stats(
+                    x, memories, sq_norms, active, threshold[:, 0], cut, scale=beta,
+                    **stats_options,
+                )
         else:
             out, support, argmax, lse, threshold = sparse_step(
                 x, memories, sq_norms, values, active, alpha=separation_alpha(separation, alpha),
-                capacity=capacity, want_info=return_info, return_tau=True, **common,
+                capacity=capacity, want_info=return_info, **common,
             )
         if want_threshold:
-            return out, support, argmax, lse, threshold.float()
+            return out, support, argmax, lse, threshold
         return out, support, argmax, lse
 
     if needs_grad:
@@ -101,7 +106,7 @@ def retrieve(
         sep_alpha = separation_alpha(separation, alpha) if sparse else 2.0  # unused when smooth
         backward_options = dict(
             beta=beta, similarity_code=similarity_code,
-            separation_code={"softmax": SOFTMAX, "polynomial": POLYNOMIAL}.get(separation, ENTMAX),
+            separation_code=codes.separation_code(separation),
             alpha=sep_alpha, degree=float(degree), config=config, splits=splits,
         )
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, dot_settings, interpreting, strides
+from ._common import LOG2E, dot_settings, interpreting, safe_shift, strides, tile_offsets
 
 
 @triton.jit
@@ -49,9 +49,9 @@ def _pair_stats_kernel(
         for d0 in range(0, dim, BLOCK_D):
             ks = d0 + tl.arange(0, BLOCK_D)
             k_mask = ks < dim
-            zu = tl.load(z_ptr + rows[:, None] * stride_zm + ks[None, :] * stride_zd,
+            zu = tl.load(z_ptr + tile_offsets(rows, ks, stride_zm, stride_zd),
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            zv = tl.load(z_ptr + others[:, None] * stride_zm + ks[None, :] * stride_zd,
+            zv = tl.load(z_ptr + tile_offsets(others, ks, stride_zm, stride_zd),
                          mask=other_mask[:, None] & k_mask[None, :], other=0.0)
             dots = tl.dot(zu, tl.trans(zv), dots, input_precision=PRECISION)
         sq_others = tl.load(sq_ptr + others, mask=other_mask, other=0.0)
@@ -66,12 +66,12 @@ def _pair_stats_kernel(
         new_max = tl.maximum(running_max, tile_max)
         if WANT_SUM:
             # A row with no finite entry yet shifts by 0, so exp(-inf - shift) is 0, not NaN.
-            shift = tl.where(new_max > float("-inf"), new_max, 0.0)
+            shift = safe_shift(new_max)
             rescale = tl.exp2((running_max - shift) * LOG2E)
             weights = tl.exp2((log_kernel - shift[:, None]) * LOG2E)
             running_sum = running_sum * rescale + tl.sum(weights, axis=1)
             if WANT_ACC:
-                values = tl.load(z_ptr + others[:, None] * stride_zm + cols[None, :] * stride_zd,
+                values = tl.load(z_ptr + tile_offsets(others, cols, stride_zm, stride_zd),
                                  mask=other_mask[:, None] & col_mask[None, :], other=0.0)
                 acc = tl.dot(weights, values, acc * rescale[:, None], input_precision=PRECISION)
         running_max = new_max
@@ -82,7 +82,7 @@ def _pair_stats_kernel(
         if WANT_SUM:
             tl.store(sum_ptr + rows, running_sum, mask=row_mask)
     if WANT_ACC:
-        tl.store(acc_ptr + rows[:, None] * stride_am + cols[None, :] * stride_ad, acc,
+        tl.store(acc_ptr + tile_offsets(rows, cols, stride_am, stride_ad), acc,
                  mask=row_mask[:, None] & col_mask[None, :])
 
 
