@@ -9,7 +9,16 @@ import hen_fast
 from hen_fast import BankIntegrityError, MemoryBank, reference
 from hen_fast.backends.norms import cached_sq_norms
 
-from helpers import COMBINATIONS, check_against_reference, combo_id, combo_kwargs, rel_err, strided
+from helpers import (
+    COMBINATIONS,
+    check_against_reference,
+    combo_id,
+    combo_kwargs,
+    rel_err,
+    strided,
+    tolerance,
+    value_scale,
+)
 
 BACKENDS = [name for name in ("torch", "cpu") if name in hen_fast.available_backends()]
 
@@ -204,18 +213,19 @@ def test_bank_four_times_the_memory_cap_retrieves_exactly(backend, combo, gen):
                                            return_info=True, **kwargs)  # fmt: skip
         in_memory = hen_fast.retrieve(queries, keys, vals, backend=backend, **kwargs)
         if steps == 1:
-            assert rel_err(streamed, in_memory) < 1e-5
+            assert rel_err(streamed, in_memory, scale=value_scale(values)) < tolerance()
         check_against_reference(streamed, info, queries, keys, vals, **kwargs)
 
 
 @pytest.mark.parametrize("separation", ["sparsemax", "entmax"])
 def test_streaming_sparse_rows_beyond_the_candidate_buffer(separation, gen):
     """Small beta spreads the support over most of the bank: with 4 candidates every row needs
-    the Newton passes over the chunks."""
+    the Newton passes over the chunks. (At beta 0.05 a seed in twenty drew a row whose support
+    was only 4: the premise must hold for every draw, so beta is 0.01.)"""
     from hen_fast.streaming import stream_retrieve
 
     queries, keys = torch.randn(6, 8, generator=gen), torch.randn(90, 8, generator=gen)
-    kwargs = dict(beta=0.05, similarity="dot", separation=separation, alpha=1.3, degree=10,
+    kwargs = dict(beta=0.01, similarity="dot", separation=separation, alpha=1.3, degree=10,
                   steps=2, tol=None, clamp_mask=None)  # fmt: skip
     request = hen_fast.Request(torch.device("cpu"), (torch.float32,), needs_grad=False)
     torch_backend = hen_fast.backends.select_backend("torch", request)
