@@ -83,8 +83,8 @@ at::Tensor score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int6
 std::tuple<at::Tensor, at::Tensor> weights_and_slopes(const Problem& p, const at::Tensor& s,
                                                       int64_t r0, int64_t r1) {
   auto t = p.threshold.slice(0, r0, r1).unsqueeze(1);
-  auto s_max = p.s_max.slice(0, r0, r1).unsqueeze(1);
   if (p.separation == kSoftmax) {
+    auto s_max = p.s_max.slice(0, r0, r1).unsqueeze(1);
     auto weights = (s - s_max).mul_(p.beta).sub_(t).exp_();
     return {weights, weights};
   }
@@ -102,6 +102,7 @@ std::tuple<at::Tensor, at::Tensor> weights_and_slopes(const Problem& p, const at
     return {weights, slopes};
   }
   const double q = 1.0 / (p.alpha - 1.0);
+  auto s_max = p.s_max.slice(0, r0, r1).unsqueeze(1);
   auto excess = (s - s_max).mul_((p.alpha - 1.0) * p.beta).sub_(t).clamp_min_(0.0);
   if (q == 1.0) return {excess, (excess > 0).to(at::kFloat)};
   return {excess.pow(q), excess.pow(q - 1.0)};
