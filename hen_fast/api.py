@@ -60,13 +60,24 @@ def retrieve(
             :func:`hen_fast.available_backends`.
         return_info: also return a :class:`~hen_fast.RetrieveInfo`.
         check_finite: reject NaN/Inf in the inputs (one extra read of the bank; a MemoryBank
-            remembers the answer until its tensors change).
+            remembers the answer until its tensors change). With ``False``, non-finite inputs
+            never crash: a query containing NaN gets a NaN output row, Inf similarities tie at
+            the largest finite value; a NaN in the memories or values gives unspecified output
+            (it may reach any row, or be skipped where the weight is 0), other rows unaffected
+            by it are computed as usual.
         memory_cap: bytes of bank (keys, values, norms) to hold on the compute device at once.
             A larger bank is streamed in chunks through the backend and the chunks' partial
             states are merged exactly (out-of-core). A memory-mapped MemoryBank is streamed by
             default in chunks of 256 MiB, and a MemoryBank on the CPU with queries on a GPU is
             streamed to the GPU (two chunks in flight, so each chunk takes half the cap).
             Streaming computes without autograd.
+
+    Extremes: any finite ``beta`` (up to 1e30 and more) and scores beyond float32's range give
+    a finite result, the float64 one or its limit: beta multiplies differences from each row's
+    maximum similarity, and sparse thresholds are solved relative to it. Similarities that
+    overflow the compute dtype (inputs of magnitude ~1e19 in float32) are clamped to its largest
+    finite value, so the memories that overflowed share the weight evenly. ``info.lse`` is the
+    float32 value of the log-partition and may be +-inf when it lies beyond float32's range.
 
     Returns:
         ``(B, dv)`` (or ``(dv,)`` for a single query) in the queries' dtype, and the info when
@@ -146,31 +157,10 @@ def retrieve(
         )  # fmt: skip
     else:
         out, info = impl.retrieve(args.queries2d, memories, values, **kwargs)
-        if check_finite and separation in ("sparsemax", "entmax") and not _all_finite(out):
-            out, info = _sparse_in_float64(args.queries2d, memories, values, out.dtype, kwargs)
     if args.single:
         out = out.squeeze(0)
         info = None if info is None else info.squeeze()
     return (out, info) if return_info else out
-
-
-def _sparse_in_float64(queries, memories, values, dtype, kwargs):
-    """Recomputes a sparse retrieval in float64 (torch backend) when the float32 one came out
-    non-finite from finite inputs: once scores reach ~1e7 the threshold gap ``x - tau`` cancels in
-    float32 and every weight is 0. Rare (scores that large), so the cost is accepted; it warns."""
-    import warnings
-
-    from . import reference
-
-    warnings.warn(
-        "sparse threshold lost to float32 cancellation (scores of magnitude ~1e7 or more); "
-        "recomputed in float64. Lower beta or pass float64 inputs to avoid the second pass.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    wide = [None if t is None else t.to(torch.float64) for t in (queries, memories, values)]
-    out, info = reference.retrieve(*wide, **kwargs)
-    return out.to(dtype), info
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,12 @@ import torch
 from torch import Tensor
 
 from .backends.norms import remember_sq_norms
+from . import reference
 from .reference import (
     SOFTMAX_SUPPORT_EPS,
     _Argmax,
     _newton_threshold,
     _power,
-    _row_sums,
-    _sorted_threshold,
     separation_alpha,
     similarity_scores,
 )
@@ -103,63 +102,109 @@ def merged_step(
 
 
 # ------------------------------------------------------------------------- softmax, polynomial
+# A chunk's log-partition from a backend is float32: ``lse = beta * s_max + log(l)`` keeps log(l)
+# to about |lse| * 6e-8, so beyond this magnitude the chunk's partial state is recomputed here,
+# relative to its maximum (only with huge beta or scores; see _chunk_partial).
+PRECISE_LSE = 256.0
+
+
 @dataclass
 class _Partial:
-    lse: Tensor
+    """A part's state: ``lse = scale * best + rel`` with ``best`` its highest similarity (float64;
+    also the argmax across parts) and ``rel`` the log-partition relative to it. Kept apart so
+    that merging never subtracts two huge, nearly equal numbers: softmax has ``scale = beta``;
+    polynomial, not shift-invariant, keeps its whole lse in ``rel`` (``scale = 0``)."""
+
+    rel: Tensor
     out: Tensor
-    best: Tensor  # the highest similarity seen (for the argmax across parts)
-    argmax: Tensor  # global memory index of it
+    best: Tensor
+    argmax: Tensor  # global memory index of the best
     support: Tensor
 
-    def merge(self, other: _Partial) -> _Partial:
-        lse = torch.logaddexp(self.lse, other.lse)
-        mine, theirs = _weight(self.lse, lse), _weight(other.lse, lse)
+    def merge(self, other: _Partial, scale: float) -> _Partial:
+        top = torch.maximum(self.best, other.best)
+        mine, theirs = self.rel_to(top, scale), other.rel_to(top, scale)
+        rel = torch.logaddexp(mine, theirs)
         better = other.best > self.best  # strict: the earlier part keeps a tie
         return _Partial(
-            lse,
-            self.out * mine[:, None] + other.out * theirs[:, None],
-            torch.where(better, other.best, self.best),
+            rel,
+            self.out * _weight(mine, rel)[:, None] + other.out * _weight(theirs, rel)[:, None],
+            top,
             torch.where(better, other.argmax, self.argmax),
             self.support + other.support,
         )
 
+    def rel_to(self, top: Tensor, scale: float) -> Tensor:
+        """The log-partition relative to ``scale * top`` (``top >= best``)."""
+        if scale == 0.0:
+            return self.rel
+        gap = torch.where(self.best == top, 0.0, (self.best - top) * scale)  # -inf - -inf: 0
+        return self.rel + gap
 
-def _weight(part_lse: Tensor, lse: Tensor) -> Tensor:
+
+def _weight(part_rel: Tensor, rel: Tensor) -> Tensor:
     # A part with no mass (polynomial: every score <= 0) weighs 0, also when no part has any.
-    return torch.where(torch.isneginf(part_lse), 0.0, torch.exp(part_lse - lse))
+    return torch.where(torch.isneginf(part_rel), 0.0, torch.exp(part_rel - rel))
 
 
 def _dense_step(rows, source, group, impl, beta, similarity, separation, degree, want_info):
+    scale = beta if separation == "softmax" else 0.0
     state = None
     for start, keys, norms, values in source.chunks():
-        if norms is not None:
-            remember_sq_norms(keys, norms)
-        out, info = impl.retrieve(
-            rows, keys, values, beta=beta, similarity=similarity, separation=separation,
-            degree=degree, steps=1, tol=None, clamp_mask=None, return_info=True,
-        )  # fmt: skip
-        best = _similarity_at(rows, keys[info.argmax].to(rows.dtype), similarity)
-        part = _Partial(info.lse.to(rows.dtype), out.to(rows.dtype), best, info.argmax + start,
-                        info.support)  # fmt: skip
-        state = part if state is None else state.merge(part)
+        part = _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity,
+                              separation, degree)  # fmt: skip
+        state = part if state is None else state.merge(part, scale)
     if state is None:  # an empty shard
         state = _empty_partial(rows, source.value_dim)
     if group.size > 1:
-        fields = [group.gather(t) for t in (state.lse, state.out, state.best, state.argmax,
+        fields = [group.gather(t) for t in (state.rel, state.out, state.best, state.argmax,
                                             state.support)]  # fmt: skip
         parts = [_Partial(*per_rank) for per_rank in zip(*fields)]
         state = parts[0]
         for part in parts[1:]:
-            state = state.merge(part)
+            state = state.merge(part, scale)
     support = state.support
+    lse = state.rel if scale == 0.0 else state.rel + beta * state.best
     if separation == "softmax" and want_info:
-        support = _softmax_support(rows, source, group, beta, similarity, state.lse)
-    return state.out, support, state.argmax, state.lse
+        support = _softmax_support(rows, source, group, beta, similarity, state.rel, state.best)
+    return state.out, support, state.argmax, lse.to(rows.dtype)
+
+
+def _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity, separation, degree):
+    """One chunk through the fused backend; recomputed relative to its maximum (torch) when the
+    backend's float32 lse is too large to carry the log-normaliser."""
+    if norms is not None:
+        remember_sq_norms(keys, norms)
+    out, info = impl.retrieve(
+        rows, keys, values, beta=beta, similarity=similarity, separation=separation,
+        degree=degree, steps=1, tol=None, clamp_mask=None, return_info=True,
+    )  # fmt: skip
+    lse = info.lse.double()
+    if bool((lse.abs() <= PRECISE_LSE).all()):
+        best = _similarity_at(rows.double(), keys[info.argmax].double(), similarity)
+        rel = lse if separation == "polynomial" else lse - beta * best
+        return _Partial(rel, out.to(rows.dtype), best, info.argmax + start, info.support)
+    stream = reference._BankStream(
+        rows, keys, keys if values is None else values, beta=beta, similarity=similarity,
+        chunk_size=keys.shape[0], sq_norms=None if norms is None else norms.to(rows.dtype),
+    )  # fmt: skip
+    if separation == "polynomial":
+        out, support, argmax, rel, _ = reference._polynomial_step(stream, float(degree))
+        best = _similarity_at(rows.double(), keys[argmax].double(), similarity)
+        return _Partial(rel.double(), out.to(rows.dtype), best, argmax + start, support)
+    out, _, argmax, rel, s_max = reference._softmax_step(stream, False)
+    # rel is relative to the chunk's computed maximum: that is the best kept (l2 shifted back by
+    # the row's ||x||^2), so that beta never multiplies a difference of two roundings.
+    best = s_max.double()
+    if similarity == "l2":
+        best = best - (rows.double() ** 2).sum(dim=1)
+    support = torch.zeros_like(argmax)  # counted over the whole bank afterwards
+    return _Partial(rel.double(), out.to(rows.dtype), best, argmax + start, support)
 
 
 def _empty_partial(rows: Tensor, value_dim: int) -> _Partial:
     count = rows.shape[0]
-    minus_inf = torch.full((count,), -math.inf, dtype=rows.dtype, device=rows.device)
+    minus_inf = torch.full((count,), -math.inf, dtype=torch.float64, device=rows.device)
     zeros = torch.zeros(count, dtype=torch.long, device=rows.device)
     return _Partial(minus_inf, rows.new_zeros(count, value_dim), minus_inf.clone(), zeros,
                     zeros.clone())  # fmt: skip
@@ -174,23 +219,28 @@ def _similarity_at(rows: Tensor, keys: Tensor, similarity: str) -> Tensor:
     return -(rows - keys).abs().sum(dim=1)
 
 
-def _scores(rows, keys, norms, beta, similarity) -> Tensor:
-    """``beta * sim`` of a chunk in the rows' dtype (l2 shifted by ``beta ||x||^2``, as in the
-    reference)."""
+def _scores(rows, keys, norms, similarity) -> Tensor:
+    """Similarities of a chunk in the rows' dtype, clamped finite (l2 shifted by ``||x||^2``, as
+    in the reference); beta multiplies differences from the row maximum only."""
     norms = None if norms is None else norms.to(rows.dtype)
-    return beta * similarity_scores(rows, keys.to(rows.dtype), similarity, norms)
+    scores = similarity_scores(rows, keys.to(rows.dtype), similarity, norms)
+    return reference.finite_scores(scores)
 
 
-def _l2_shift(rows: Tensor, beta: float, similarity: str) -> Tensor | float:
-    return beta * (rows * rows).sum(dim=1) if similarity == "l2" else 0.0
+def _l2_shift(rows: Tensor, similarity: str) -> Tensor | float:
+    """The per-row shift of computed l2 scores, ``||x||^2`` (float64)."""
+    return (rows.double() ** 2).sum(dim=1) if similarity == "l2" else 0.0
 
 
-def _softmax_support(rows, source, group, beta, similarity, lse) -> Tensor:
-    """Weights above 1e-6 given the global log-partition: ``z > lse + log(eps)``."""
-    threshold = (lse + _l2_shift(rows, beta, similarity) + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
+def _softmax_support(rows, source, group, beta, similarity, rel, best) -> Tensor:
+    """Weights above 1e-6 given the global log-partition: ``beta (s - best) > rel + log(eps)``."""
+    threshold = (rel + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
+    top = (best + _l2_shift(rows, similarity))[:, None]
     count = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
     for _, keys, norms, _ in source.chunks():
-        count += (_scores(rows, keys, norms, beta, similarity) > threshold).sum(dim=1)
+        s = _scores(rows, keys, norms, similarity).double()
+        gap = torch.where(s == top, 0.0, (s - top) * beta)
+        count += (gap > threshold).sum(dim=1)
     return sum_in_order(group, count)
 
 
@@ -200,18 +250,18 @@ def _top(scores: Tensor, index: Tensor, count: int) -> tuple[Tensor, Tensor]:
     return kept, index.gather(1, where)
 
 
-def _sparse_candidates(rows, source, group, beta, similarity, candidates):
-    """The ``candidates`` highest scores of every row over the whole bank, their global indices,
-    and the argmax."""
+def _sparse_candidates(rows, source, group, similarity, candidates):
+    """The ``candidates`` highest similarities of every row over the whole bank, their global
+    indices, and the argmax."""
     count, device = rows.shape[0], rows.device
     argmax = _Argmax(count, rows)
     kept = rows.new_empty(count, 0)
     kept_index = torch.empty(count, 0, dtype=torch.long, device=device)
     for start, keys, norms, _ in source.chunks():
-        z = _scores(rows, keys, norms, beta, similarity)
-        argmax.update(start, z)
-        index = torch.arange(start, start + z.shape[1], device=device).expand(count, -1)
-        kept, kept_index = _top(torch.cat([kept, z], 1), torch.cat([kept_index, index], 1),
+        s = _scores(rows, keys, norms, similarity)
+        argmax.update(start, s)
+        index = torch.arange(start, start + s.shape[1], device=device).expand(count, -1)
+        kept, kept_index = _top(torch.cat([kept, s], 1), torch.cat([kept_index, index], 1),
                                 candidates)  # fmt: skip
     if group.size > 1:
         # Every process sends exactly `candidates` columns (padding sorts below any score).
@@ -236,14 +286,12 @@ def _sparse_candidates(rows, source, group, beta, similarity, candidates):
 def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
     q = 1.0 / (alpha - 1.0)
     dtype = rows.dtype
-    kept, kept_index, argmax = _sparse_candidates(rows, source, group, beta, similarity,
-                                                  candidates)  # fmt: skip
-    z = kept.double()
-    x = (alpha - 1.0) * z
-    if alpha in (1.5, 2.0):
-        tau = _sorted_threshold(x, alpha)
-    else:
-        tau = _newton_threshold(_row_sums(x, q), x[:, 0], x[:, 0] - 1.0, alpha)
+    kept, kept_index, argmax = _sparse_candidates(rows, source, group, similarity, candidates)
+    # Everything relative to the row maximum: x = (alpha - 1) beta (s - s_max) in float64, <= 0,
+    # finite for any beta and similarity in range, the support in x > -1.
+    s_max = kept[:, 0].double()
+    x = reference.relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
+    tau = reference.solve_threshold(x, alpha)
     # As in the reference: the buffer's threshold is the row's when it lies at or above the
     # smallest kept score (or nothing was left out); other rows need passes over the bank.
     if kept.shape[1] < source.num_memories:
@@ -255,24 +303,25 @@ def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
     weighted = _gather_weighted(p, kept_index, source, group)
     total = p.sum(dim=1)
     support = (p > 0).sum(dim=1)
-    dot_pz = (p * z).sum(dim=1)
+    dot_px = torch.where(p > 0, p * x, 0.0).sum(dim=1)
     sum_p_alpha = _power(p, alpha).sum(dim=1)
     if unsettled.numel():
         # Every process found the same rows: the decision came from gathered data.
-        sub = rows[unsettled]
+        relative = _RelativeScores(rows, unsettled, s_max[unsettled], source, similarity,
+                                   (alpha - 1.0) * beta)  # fmt: skip
         tau_sub = _newton_threshold(
-            _streamed_sums(sub, source, group, beta, similarity, alpha),
-            x[unsettled, 0],
-            tau[unsettled],
-            alpha,
+            _streamed_sums(relative, group, alpha), x[unsettled, 0], tau[unsettled], alpha
         )
-        sums = _streamed_output(sub, tau_sub, source, group, beta, similarity, alpha)
-        for target, value in zip((weighted, total, support, dot_pz, sum_p_alpha), sums):
+        sums = _streamed_output(relative, tau_sub, source, group, alpha)
+        for target, value in zip((weighted, total, support, dot_px, sum_p_alpha), sums):
             target[unsettled] = value.to(target.dtype)
     out = (weighted / total[:, None]).to(dtype)
-    lse = dot_pz / total + (1.0 - sum_p_alpha / total**alpha) / (alpha * (alpha - 1.0))
-    lse = lse.to(dtype) - _l2_shift(rows, beta, similarity)
-    return out, support, argmax, lse
+    # Energy <p, z> + Tsallis entropy, <p, z> = beta s_max + <p, x> / (alpha - 1).
+    lse = dot_px / (total * (alpha - 1.0)) + (1.0 - sum_p_alpha / total**alpha) / (
+        alpha * (alpha - 1.0)
+    )
+    lse = lse + beta * (s_max - _l2_shift(rows, similarity))
+    return out, support, argmax, lse.to(dtype)
 
 
 def _gather_weighted(p: Tensor, kept_index: Tensor, source, group) -> Tensor:
@@ -289,15 +338,30 @@ def _gather_weighted(p: Tensor, kept_index: Tensor, source, group) -> Tensor:
     return sum_in_order(group, weighted)
 
 
-def _streamed_sums(rows, source, group, beta, similarity, alpha):
+class _RelativeScores:
+    """``x = scale (s - s_max)`` (float64) of some rows, chunk by chunk. Every query is scored,
+    as in the candidate pass, and the rows are picked afterwards: a product over fewer rows may
+    round differently, and at large beta one ulp of a score is far more than the support's
+    width."""
+
+    def __init__(self, rows, which, s_max, source, similarity, scale):
+        self.rows, self.which, self.s_max = rows, which, s_max
+        self.source, self.similarity, self.scale = source, similarity, scale
+
+    def chunks(self):
+        for _, keys, norms, values in self.source.chunks():
+            s = _scores(self.rows, keys, norms, self.similarity)[self.which].double()
+            yield reference.relative_scores(s, self.s_max, self.scale), keys, values
+
+
+def _streamed_sums(relative: _RelativeScores, group, alpha):
     """``partial_sums`` for Newton: one pass over the chunks, added across processes."""
     q = 1.0 / (alpha - 1.0)
 
     def partial_sums(tau: Tensor, x_max: Tensor):
         sum_q = torch.zeros_like(tau)
         sum_q1 = torch.zeros_like(tau)
-        for _, keys, norms, _ in source.chunks():
-            x = (alpha - 1.0) * _scores(rows, keys, norms, beta, similarity).double()
+        for x, _, _ in relative.chunks():
             ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
             sum_q += _power(ratio, q).sum(dim=1)
             sum_q1 += (ratio > 0).sum(dim=1) if q == 1.0 else _power(ratio, q - 1.0).sum(dim=1)
@@ -306,19 +370,18 @@ def _streamed_sums(rows, source, group, beta, similarity, alpha):
     return partial_sums
 
 
-def _streamed_output(rows, tau, source, group, beta, similarity, alpha):
-    """Weighted values, total, support, <p, z> and sum p^alpha of rows with a known threshold."""
+def _streamed_output(relative: _RelativeScores, tau, source, group, alpha):
+    """Weighted values, total, support, <p, x> and sum p^alpha of rows with a known threshold."""
     q = 1.0 / (alpha - 1.0)
-    count = rows.shape[0]
-    weighted = torch.zeros(count, source.value_dim, dtype=torch.float64, device=rows.device)
-    total, dot_pz, sum_p_alpha = (torch.zeros_like(tau) for _ in range(3))
-    support = torch.zeros(count, dtype=torch.long, device=rows.device)
-    for _, keys, norms, values in source.chunks():
-        z = _scores(rows, keys, norms, beta, similarity).double()
-        p = _power(torch.relu((alpha - 1.0) * z - tau[:, None]), q)
+    count = relative.which.shape[0]
+    weighted = torch.zeros(count, source.value_dim, dtype=torch.float64, device=tau.device)
+    total, dot_px, sum_p_alpha = (torch.zeros_like(tau) for _ in range(3))
+    support = torch.zeros(count, dtype=torch.long, device=tau.device)
+    for x, keys, values in relative.chunks():
+        p = _power(torch.relu(x - tau[:, None]), q)
         weighted += p @ (keys if values is None else values).double()
         total += p.sum(dim=1)
         support += (p > 0).sum(dim=1)
-        dot_pz += (p * z).sum(dim=1)
+        dot_px += torch.where(p > 0, p * x, 0.0).sum(dim=1)
         sum_p_alpha += _power(p, alpha).sum(dim=1)
-    return tuple(sum_in_order(group, t) for t in (weighted, total, support, dot_pz, sum_p_alpha))
+    return tuple(sum_in_order(group, t) for t in (weighted, total, support, dot_px, sum_p_alpha))

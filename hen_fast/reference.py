@@ -85,7 +85,10 @@ def similarity_scores(
 
 
 class _BankStream:
-    """Scaled scores ``z = beta * sim(keys, x)`` and values, chunk by chunk, for fixed query rows.
+    """Similarities ``s = sim(keys, x)`` (finite, see :func:`finite_scores`) and values, chunk by
+    chunk, for fixed query rows. The scores are ``z = beta * s``; ``beta`` is applied by each
+    separation to differences from the row maximum, ``beta * (s - max s)``, which never overflow
+    to NaN, so beta up to 1e30 and scores beyond float32's range still give finite weights.
 
     A bank that fits in one chunk is scored once and the scores are reused by every pass.
     """
@@ -101,7 +104,7 @@ class _BankStream:
         return self.chunks(grad=True)
 
     def chunks(self, grad: bool):
-        """Yields ``(start, z, values)``; ``grad=False`` passes build no autograd graph (a single
+        """Yields ``(start, s, values)``; ``grad=False`` passes build no autograd graph (a single
         chunk is always scored with it, since its scores are cached for the passes that need it)."""
         if self._cached is not None:
             yield 0, *self._cached
@@ -113,24 +116,29 @@ class _BankStream:
             with torch.set_grad_enabled(torch.is_grad_enabled() and (grad or self.single)):
                 keys = self.keys[start:stop].to(dtype)
                 norms = None if self.sq_norms is None else self.sq_norms[start:stop].to(dtype)
-                z = self.beta * similarity_scores(self.x, keys, self.similarity, norms)
+                s = finite_scores(similarity_scores(self.x, keys, self.similarity, norms))
                 values = self.values[start:stop].to(dtype)
             if self.single:
-                self._cached = (z, values)
-            yield start, z, values
+                self._cached = (s, values)
+            yield start, s, values
 
-    def rows(self, index: Tensor) -> _BankStream:
-        cached = None if self._cached is None else (self._cached[0][index], self._cached[1])
-        return _BankStream(
-            self.x[index],
-            self.keys,
-            self.values,
-            beta=self.beta,
-            similarity=self.similarity,
-            chunk_size=self.chunk_size,
-            sq_norms=self.sq_norms,
-            cached=cached,
-        )
+
+def finite_scores(scores: Tensor) -> Tensor:
+    """Similarities clamped to the dtype's finite range (NaN stays NaN).
+
+    A similarity beyond the range (inputs of magnitude ~1e19 in float32) overflows to +-inf, and
+    ``inf - inf`` would turn the relative scores into NaN. Clamped, the memories that overflowed
+    tie at the largest finite value: the weight is split evenly among them (the limit's rule
+    applied to the similarities this precision can tell apart), and the others get weight 0.
+    """
+    big = torch.finfo(scores.dtype).max
+    return scores.clamp(-big, big)
+
+
+def relative_scores(s: Tensor, s_max: Tensor, beta: float) -> Tensor:
+    """``beta * (s - s_max)`` per row (``s_max`` a detached column): <= 0, finite or -inf, never
+    NaN for finite ``s`` (the difference is exact near the top, where the weights live)."""
+    return (s - s_max[:, None]) * beta
 
 
 class _Argmax:
@@ -148,56 +156,71 @@ class _Argmax:
         return self.best
 
 
+# Each step returns (out, support, argmax, lse_rel, s_max) with the log-partition (or entmax
+# energy) lse = beta * s_max + lse_rel: kept apart so that neither part overflows on its own.
+
+
 def _softmax_step(stream: _BankStream, want_info: bool):
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
+    beta = stream.beta
     argmax = _Argmax(rows, stream.x)
     running_sum = torch.zeros(rows, dtype=dtype, device=device)
     acc = torch.zeros(rows, stream.values.shape[1], dtype=dtype, device=device)
-    running_max = argmax.best
-    for start, z, values in stream:
-        new_max = argmax.update(start, z)
+    running_max = None
+    for start, s, values in stream:
+        new_max = argmax.update(start, s)  # finite: the scores are clamped
         # Shift invariance makes the (detached) running max a constant for autograd.
-        rescale = torch.exp(running_max - new_max)
-        weights = (z - new_max[:, None]).exp_()  # in place: one B x chunk buffer, not two
-        running_sum = running_sum * rescale + weights.sum(dim=1)
-        acc = acc * rescale[:, None] + weights @ values
+        weights = relative_scores(s, new_max, beta).exp_()  # in place: one B x chunk buffer
+        if running_max is None:
+            running_sum, acc = weights.sum(dim=1), weights @ values
+        else:
+            rescale = torch.exp((running_max - new_max) * beta)
+            running_sum = running_sum * rescale + weights.sum(dim=1)
+            acc = acc * rescale[:, None] + weights @ values
         running_max = new_max
     out = acc / running_sum[:, None]
-    lse = running_max + torch.log(running_sum.detach())
+    lse_rel = torch.log(running_sum.detach())
     support = None
     if want_info:
-        # p > eps  <=>  z > lse + log(eps): a counting pass (free when the scores are cached).
-        threshold = (lse + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
-        support = sum((z.detach() > threshold).sum(dim=1) for _, z, _ in stream.chunks(grad=False))
-    return out, support, argmax.index, lse
+        # p > eps  <=>  beta (s - max) > log(sum) + log(eps): a counting pass (free when cached).
+        threshold = (lse_rel + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
+        support = sum(
+            (relative_scores(s.detach(), running_max, beta) > threshold).sum(dim=1)
+            for _, s, _ in stream.chunks(grad=False)
+        )
+    return out, support, argmax.index, lse_rel, running_max
 
 
 def _polynomial_step(stream: _BankStream, degree: float):
+    """Weights ``relu(beta s)^n`` normalised: beta > 0 cancels, so they are computed from ``s``."""
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
     argmax = _Argmax(rows, stream.x)
     running_max = torch.zeros(rows, dtype=dtype, device=device)
     running_sum = torch.zeros(rows, dtype=dtype, device=device)
     acc = torch.zeros(rows, stream.values.shape[1], dtype=dtype, device=device)
     support = torch.zeros(rows, dtype=torch.long, device=device)
-    for start, z, values in stream:
-        argmax.update(start, z)
-        rectified = torch.relu(z)
+    for start, s, values in stream:
+        argmax.update(start, s)
+        rectified = torch.relu(s)
         new_max = torch.maximum(running_max, rectified.detach().max(dim=1).values)
-        # Weights are scaled by the running max so relu(z)**degree never overflows; the scale
+        # Weights are scaled by the running max so relu(s)**degree never overflows; the scale
         # cancels in the normalisation, so it is a constant for autograd.
         divisor = torch.where(new_max > 0, new_max, torch.ones_like(new_max))
         rescale = (running_max / divisor) ** degree
         weights = (rectified / divisor[:, None]) ** degree
         running_sum = running_sum * rescale + weights.sum(dim=1)
         acc = acc * rescale[:, None] + weights @ values
-        support += (z.detach() > 0).sum(dim=1)
+        support += (s.detach() > 0).sum(dim=1)
         running_max = new_max
     nonzero = running_sum.detach() > 0
     safe_sum = torch.where(nonzero, running_sum, torch.ones_like(running_sum))
     out = torch.where(nonzero[:, None], acc / safe_sum[:, None], torch.zeros_like(acc))
-    log_partition = degree * torch.log(running_max) + torch.log(running_sum.detach())
+    # log sum relu(beta s)^n, in float64 so that n log(beta s_max) does not overflow needlessly.
+    log_partition = degree * (math.log(stream.beta) + torch.log(running_max.double())) + torch.log(
+        running_sum.detach().double()
+    )
     lse = torch.where(nonzero, log_partition, torch.full_like(log_partition, -math.inf))
-    return out, support, argmax.index, lse
+    return out, support, argmax.index, lse, None  # float64: a streamed merge needs its bits
 
 
 def _power(base: Tensor, exponent: float) -> Tensor:
@@ -210,19 +233,23 @@ def _power(base: Tensor, exponent: float) -> Tensor:
 
 
 def _sorted_threshold(x_sorted: Tensor, alpha: float) -> Tensor:
-    """Exact ``tau`` per row of descending ``x_sorted = (alpha - 1) z``: sparsemax and alpha 1.5.
+    """Exact ``tau`` per row of descending ``x_sorted = (alpha - 1) (z - max z)``: sparsemax and
+    alpha 1.5.
 
     Closed forms over the candidate support sizes k: sparsemax ``tau_k = (sum_{i<=k} x_i - 1) / k``;
     alpha 1.5 solves ``sum_{i<=k} (x_i - tau)^2 = 1``. The support is the largest k whose tau_k lies
-    below x_k.
+    below x_k. Relative to the row maximum (``x_sorted[:, 0] == 0``) every term is O(k): nothing
+    cancels however large the scores, and a -inf entry only ends the support.
     """
     sizes = torch.arange(1, x_sorted.shape[1] + 1, dtype=x_sorted.dtype, device=x_sorted.device)
-    cumsum = x_sorted.cumsum(dim=1)
+    # -inf entries (scores far below the top) are never in the support: zero them for the sums.
+    finite = torch.where(torch.isfinite(x_sorted), x_sorted, torch.zeros_like(x_sorted))
+    cumsum = finite.cumsum(dim=1)
     if alpha == 2.0:
         candidates = (cumsum - 1) / sizes
     else:
         mean = cumsum / sizes
-        spread = (x_sorted * x_sorted).cumsum(dim=1) - sizes * mean * mean
+        spread = (finite * finite).cumsum(dim=1) - sizes * mean * mean
         candidates = mean - torch.sqrt(torch.clamp((1 - spread) / sizes, min=0))
     support = (candidates < x_sorted).sum(dim=1, keepdim=True).clamp(min=1)
     return candidates.gather(1, support - 1).squeeze(1)
@@ -240,7 +267,8 @@ def _newton_threshold(
     returns ``(sum r^q, sum_{r>0} r^(q-1))`` with ``r = [x - tau]_+ / (x_max - tau)``, which keeps
     every power in [0, 1] whatever q is. float64 throughout; ``eps`` is the relative precision of
     the sums (float64's by default), where the iteration stops. A row whose sums are empty (not
-    being solved) keeps its tau.
+    being solved) keeps its tau. Callers pass scores relative to the row maximum (``x_max = 0``),
+    so ``tau`` lies in [-1, 0) and the stopping rule is absolute.
     """
     q = 1.0 / (alpha - 1.0)
     eps = torch.finfo(torch.float64).eps if eps is None else eps
@@ -272,15 +300,22 @@ def _inner_power_sum(ratio: Tensor, q: float) -> Tensor:
     return _power(ratio, q - 1.0).sum(dim=1)
 
 
-def _stream_sums(stream: _BankStream, alpha: float):
-    """``partial_sums`` for Newton over the whole bank, one pass per call."""
+def _stream_sums(stream: _BankStream, alpha: float, s_max: Tensor, rows: Tensor):
+    """``partial_sums`` for Newton over the whole bank for some ``rows``, one pass per call
+    (scores relative to each row's maximum ``s_max``, float64).
+
+    The pass scores every query, as the first pass did, and keeps the rows asked for: a product
+    over fewer rows may round differently (another BLAS kernel), and at large beta one ulp of a
+    score moves ``beta * (s - s_max)`` by far more than 1.
+    """
     q = 1.0 / (alpha - 1.0)
+    scale = (alpha - 1.0) * stream.beta
 
     def partial_sums(tau: Tensor, x_max: Tensor):
         sum_q = torch.zeros_like(tau)
         sum_q1 = torch.zeros_like(tau)
-        for _, z, _ in stream.chunks(grad=False):
-            x = (alpha - 1.0) * z.detach().double()
+        for _, s, _ in stream.chunks(grad=False):
+            x = relative_scores(s.detach()[rows].double(), s_max, scale)
             ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
             sum_q += _power(ratio, q).sum(dim=1)
             sum_q1 += _inner_power_sum(ratio, q)
@@ -289,22 +324,28 @@ def _stream_sums(stream: _BankStream, alpha: float):
     return partial_sums
 
 
+def solve_threshold(x_kept: Tensor, alpha: float) -> Tensor:
+    """Exact tau (float64) of each row's descending candidates ``x_kept`` (relative to the row
+    maximum: ``x_kept[:, 0] == 0``)."""
+    if alpha in (1.5, 2.0):
+        return _sorted_threshold(x_kept, alpha)
+    start = x_kept[:, 0] - 1.0
+    return _newton_threshold(_row_sums(x_kept, 1.0 / (alpha - 1.0)), x_kept[:, 0], start, alpha)
+
+
 def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
-    """Exact entmax threshold of every row across all chunks (float64), and the argmax."""
+    """Exact entmax threshold of every row across all chunks, relative to the row's maximum
+    ``(alpha - 1) beta max s`` (float64), the maximum similarity ``s_max`` and the argmax."""
     num_memories = stream.keys.shape[0]
     argmax = _Argmax(stream.x.shape[0], stream.x)
     kept = None
-    for start, z, _ in stream.chunks(grad=False):
-        argmax.update(start, z)
-        merged = z.detach() if kept is None else torch.cat([kept, z.detach()], dim=1)
+    for start, s, _ in stream.chunks(grad=False):
+        argmax.update(start, s)
+        merged = s.detach() if kept is None else torch.cat([kept, s.detach()], dim=1)
         kept = merged.topk(min(candidates, merged.shape[1]), dim=1, sorted=True).values
-    x_kept = (alpha - 1.0) * kept.double()
-    if alpha in (1.5, 2.0):
-        tau = _sorted_threshold(x_kept, alpha)
-    else:
-        tau = _newton_threshold(
-            _row_sums(x_kept, 1.0 / (alpha - 1.0)), x_kept[:, 0], x_kept[:, 0] - 1.0, alpha
-        )
+    s_max = kept[:, 0].double()
+    x_kept = relative_scores(kept.double(), s_max, (alpha - 1.0) * stream.beta)
+    tau = solve_threshold(x_kept, alpha)
     # Entries outside the buffer are <= its smallest, so when tau >= that they all get weight 0
     # and the buffer's threshold is the row's. Otherwise more memories may be in the support:
     # the true tau is >= the buffer's (adding entries only raises the sum), a valid Newton start.
@@ -312,24 +353,25 @@ def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
         unsettled = (tau < x_kept[:, -1]).nonzero().squeeze(1)
         if unsettled.numel():
             tau[unsettled] = _newton_threshold(
-                _stream_sums(stream.rows(unsettled), alpha),
+                _stream_sums(stream, alpha, s_max[unsettled], unsettled),
                 x_kept[unsettled, 0],
                 tau[unsettled],
                 alpha,
             )
-    return tau, argmax.index
+    return tau, kept[:, 0], argmax.index
 
 
 def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: bool):
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
     q = 1.0 / (alpha - 1.0)
-    tau, argmax = _sparse_threshold(stream, alpha, candidates)
+    tau, s_max, argmax = _sparse_threshold(stream, alpha, candidates)
     tau = tau.to(dtype)[:, None]
+    scale = (alpha - 1.0) * stream.beta
     dv = stream.values.shape[1]
     weighted = torch.zeros(rows, dv, dtype=dtype, device=device)
     total = torch.zeros(rows, dtype=dtype, device=device)
     support = torch.zeros(rows, dtype=torch.long, device=device)
-    dot_pz = torch.zeros(rows, dtype=dtype, device=device)
+    dot_px = torch.zeros(rows, dtype=dtype, device=device)
     sum_p_alpha = torch.zeros(rows, dtype=dtype, device=device)
     # For autograd, tau moves with the scores: sum_i g_i (dx_i - dtau) = 0 with g = dp/dx, so
     # dtau = sum_i g_i dx_i / sum_i g_i. `tau_shift` carries exactly that derivative (its value
@@ -337,15 +379,18 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
     grad_weighted = torch.zeros(rows, dv, dtype=dtype, device=device)
     grad_total = torch.zeros(rows, dtype=dtype, device=device)
     tau_shift_num = torch.zeros(rows, dtype=dtype, device=device)
-    for _, z, values in stream:
-        x = (alpha - 1.0) * z
+    for _, s, values in stream:
+        # (alpha - 1) beta (s - s_max): <= 0, and the support lies in (-1, 0].
+        x = relative_scores(s, s_max, scale)
         excess = torch.relu(x - tau)
         p = _power(excess, q)
         weighted = weighted + p @ values
         total = total + p.sum(dim=1)
         p_const = p.detach()
-        support += (p_const > 0).sum(dim=1)
-        dot_pz += (p_const * z.detach()).sum(dim=1)
+        in_support = p_const > 0
+        support += in_support.sum(dim=1)
+        # 0 * -inf would be NaN: entries outside the support add nothing.
+        dot_px += torch.where(in_support, p_const * x.detach(), 0.0).sum(dim=1)
         sum_p_alpha += _power(p_const, alpha).sum(dim=1)
         if need_grad:
             g = (
@@ -355,7 +400,11 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
             )
             grad_weighted += g @ values.detach()
             grad_total += g.sum(dim=1)
-            tau_shift_num = tau_shift_num + (g * (x - x.detach())).sum(dim=1)
+            # x - x.detach() is 0 with x's derivative; entries outside the support (g = 0, x
+            # possibly -inf) are left out so that no 0 * inf appears in value or gradient.
+            tau_shift_num = tau_shift_num + torch.where(
+                g > 0, g * (x - x.detach()), torch.zeros_like(g)
+            ).sum(dim=1)
     if need_grad:
         tau_shift = (tau_shift_num / grad_total)[:, None]
         weighted = weighted - tau_shift * grad_weighted
@@ -363,8 +412,11 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
     # Dividing by the total makes the weights sum to 1 to rounding whatever tau's last bit.
     out = weighted / total[:, None]
     total = total.detach()
-    lse = dot_pz / total + (1.0 - sum_p_alpha / total**alpha) / (alpha * (alpha - 1.0))
-    return out, support, argmax, lse
+    # Energy <p, z> + Tsallis entropy, with <p, z> = beta s_max + <p, x> / (alpha - 1).
+    lse_rel = dot_px / (total * (alpha - 1.0)) + (1.0 - sum_p_alpha / total**alpha) / (
+        alpha * (alpha - 1.0)
+    )
+    return out, support, argmax, lse_rel, s_max
 
 
 def _one_step(
@@ -386,17 +438,27 @@ def _one_step(
         x, keys, values, beta=beta, similarity=similarity, chunk_size=chunk_size, sq_norms=sq_norms
     )
     if separation == "softmax":
-        out, support, argmax, lse = _softmax_step(stream, want_info)
+        out, support, argmax, lse, s_max = _softmax_step(stream, want_info)
     elif separation == "polynomial":
-        out, support, argmax, lse = _polynomial_step(stream, float(degree))
+        out, support, argmax, lse, s_max = _polynomial_step(stream, float(degree))
     else:
         need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, keys, values))
-        out, support, argmax, lse = _sparse_step(
+        out, support, argmax, lse, s_max = _sparse_step(
             stream, separation_alpha(separation, alpha), candidates, need_grad
         )
-    if similarity == "l2":  # report the true score's smooth max: every z was shifted by beta||x||^2
-        lse = lse - beta * (x.detach() * x.detach()).sum(dim=1)
-    return out, support, argmax, lse
+    if s_max is not None:
+        lse = lse + absolute_max_score(s_max, x, beta, similarity).to(lse.dtype)
+    return out, support, argmax, lse.to(out.dtype)
+
+
+def absolute_max_score(s_max: Tensor, x: Tensor, beta: float, similarity: str) -> Tensor:
+    """``beta * max sim`` per row from the maximum computed score: l2 scores are shifted by
+    ``||x||^2`` (``2 x.k - ||k||^2``), shifted back here before beta multiplies, so that a huge
+    beta does not meet ``inf - inf``. float64; may be +-inf beyond float64's range only."""
+    s_max = s_max.detach().double()
+    if similarity == "l2":
+        s_max = s_max - (x.detach().double() ** 2).sum(dim=1)
+    return beta * s_max
 
 
 def retrieve(
@@ -540,7 +602,8 @@ def naive_scores(queries: Tensor, keys: Tensor, similarity: str) -> Tensor:
 def naive_separation(z: Tensor, separation: str, alpha: float = 1.5, degree: float = 10) -> Tensor:
     """Weights over the last dimension of float64 scaled scores ``z``.
 
-    Sparse thresholds by 200 bisection steps between ``max - 1`` and ``max - M^(1-alpha)``.
+    Sparse thresholds by 200 bisection steps between ``max - 1`` and ``max - M^(1-alpha)``, on the
+    scores minus their row maximum (else ``max - 1 == max`` once the scores pass ~1e16).
     """
     z = z.double()
     if separation == "softmax":
@@ -552,10 +615,10 @@ def naive_separation(z: Tensor, separation: str, alpha: float = 1.5, degree: flo
         total = weights.sum(dim=-1, keepdim=True)
         return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), 0.0)
     a = separation_alpha(separation, alpha)
-    x = (a - 1.0) * z
+    x = (a - 1.0) * (z - z.max(dim=-1, keepdim=True).values)
     q = 1.0 / (a - 1.0)
-    top = x.max(dim=-1, keepdim=True).values
-    lo, hi = top - 1.0, top - z.shape[-1] ** (1.0 - a)
+    lo = torch.full_like(x[..., :1], -1.0)
+    hi = torch.full_like(lo, -(z.shape[-1] ** (1.0 - a)))
     for _ in range(200):
         mid = (lo + hi) / 2
         mass = (torch.relu(x - mid) ** q).sum(dim=-1, keepdim=True)

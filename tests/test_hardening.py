@@ -26,9 +26,8 @@ HALF = (torch.float16, torch.bfloat16)
 SETTINGS = dict(
     deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
 )
-# The sparse separations of the in-memory backends lose the threshold gap x - tau to float32
-# cancellation once |beta * score| is large (NaN beyond ~1e7, recomputed in float64 with a warning:
-# test_sparse_thresholds_survive_huge_scores below); the property tests stay below it.
+# Huge scores are covered by test_sparse_thresholds_survive_huge_scores below and by
+# tests/test_extremes.py; the property tests here stay at moderate scores.
 SPARSE_SAFE_SCORE = 1e4
 
 
@@ -152,24 +151,18 @@ def test_non_finite_inputs_raise_unless_unchecked(problem, where, bad):
 @pytest.mark.parametrize("separation", ["sparsemax", "entmax"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON else []) + ["streamed"])
 def test_sparse_thresholds_survive_huge_scores(backend, separation):
-    """One memory scoring 1e8 and one scoring 0: the weights are exactly (1, 0). In float32 the
-    in-memory backends lose tau = x_max - 1 to rounding (every weight 0, the output NaN), and
-    retrieve recomputes such a call in float64 with a warning; the out-of-core path keeps x - tau
-    in float64 and needs no second pass."""
+    """One memory scoring 1e8 and one scoring 0: the weights are exactly (1, 0), in float32,
+    in one pass (thresholds are relative to the row maximum, so nothing cancels)."""
     queries, keys = torch.tensor([[1e4]]), torch.tensor([[1e4], [0.0]])
     values = torch.tensor([[1.0], [2.0]])
     kwargs = dict(separation=separation)
     if backend == "streamed":
         kwargs["memory_cap"] = 8
-        assert hen_fast.retrieve(queries, keys, values, **kwargs).item() == 1.0
-        return
-    if backend == "triton":  # thresholds relative to the row max: exact in float32, no retry
-        out, info = hen_fast.retrieve(queries, keys, values, backend=backend, return_info=True,
-                                      check_finite=False, **kwargs)  # fmt: skip
-        assert out.item() == 1.0 and info.support.item() == 1
-        return
-    with pytest.warns(RuntimeWarning, match="recomputed in float64"):
-        assert hen_fast.retrieve(queries, keys, values, backend=backend, **kwargs).item() == 1.0
+    else:
+        kwargs["backend"] = backend
+    out, info = hen_fast.retrieve(queries, keys, values, return_info=True, **kwargs)
+    assert out.item() == 1.0
+    assert info.support.item() == 1
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

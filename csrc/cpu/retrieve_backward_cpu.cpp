@@ -1,9 +1,13 @@
 // Backward of one retrieval update on the CPU: gradients of out = p(z) V, z = beta * sim(x, K),
 // for the queries x, the keys K and the values V, recomputing the weights tile by tile.
 //
-// The forward (retrieve_cpu.cpp) saves per query one number, the threshold t that turns a score
-// into its weight: p = exp(z - t) (softmax, t = lse), p = relu(z)^n exp(-t) (polynomial, t = the
-// log-normaliser), p = [(alpha - 1) z - t]_+^q, q = 1 / (alpha - 1) (entmax and sparsemax, t = tau).
+// The forward (retrieve_cpu.cpp) saves per query one number, the threshold t that turns a
+// similarity s into its weight, relative to the row maximum s_max (recomputed here by a max pass
+// with this file's own tiling, so that both passes see the same bits): p = exp(beta (s - s_max)
+// - t) (softmax), p = relu(s)^n exp(-t) (polynomial: beta cancels), p = [(alpha - 1) beta
+// (s - s_max) - t]_+^q, q = 1 / (alpha - 1) (entmax and sparsemax). Nothing here overflows to NaN
+// at beta = 1e30: at the limit (one memory with all the weight) the score gradient is exactly 0,
+// and among exact ties (sparse separations) it is beta times a finite number (inf beyond float).
 // With dp = dout V^T every separation's score gradient has the form
 //   dz = g (dp - c),   c per query,
 //   softmax      g = p,                 c = sum_j p_j dp_j = dout . out
@@ -41,10 +45,11 @@ constexpr int64_t kMinSplit = 2048;
 
 struct Problem {
   at::Tensor x;          // (B, d) float32, contiguous
-  at::Tensor x_scaled;   // beta x (dot) or 2 beta x (l2): the forward's score operand
+  at::Tensor x_scaled;   // x (dot) or 2 x (l2): the forward's score operand
   at::Tensor keys;       // (M, d) any float dtype
   at::Tensor values;     // (M, dv) any float dtype
-  at::Tensor norms;      // (M,) -beta ||k||^2 in float32 for l2
+  at::Tensor norms;      // (M,) -||k||^2 in float32 for l2
+  at::Tensor s_max;      // (B,) float32: the row maximum of the similarities
   at::Tensor grad_out;   // (B, dv) float32, contiguous
   at::Tensor threshold;  // (B,) float32
   at::Tensor shift;      // (B,) float32: c
@@ -55,43 +60,50 @@ struct Problem {
   double degree;
 };
 
-// Scores of queries [r0, r1) against the float32 key tile `keys` (memories [m0, m1)).
+// Similarities of queries [r0, r1) against the float32 key tile `keys` (memories [m0, m1)),
+// clamped to float's finite range as in the forward.
 at::Tensor score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                       const at::Tensor& keys) {
+  at::Tensor s;
   if (p.similarity == kManhattan) {
-    auto z = at::empty({r1 - r0, m1 - m0}, at::kFloat);
+    s = at::empty({r1 - r0, m1 - m0}, at::kFloat);
     manhattan_block(p.x.data_ptr<float>() + r0 * p.x.size(1), r1 - r0, keys.data_ptr<float>(),
-                     m1 - m0, p.x.size(1), z.data_ptr<float>(), z.stride(0),
-                     static_cast<float>(-p.beta));
-    return z;
+                     m1 - m0, p.x.size(1), s.data_ptr<float>(), s.stride(0), -1.f);
+  } else if (p.similarity == kL2) {
+    s = at::addmm(p.norms.slice(0, m0, m1).unsqueeze(0), p.x_scaled.slice(0, r0, r1), keys.t());
+  } else {
+    s = at::mm(p.x_scaled.slice(0, r0, r1), keys.t());
   }
-  if (p.similarity == kL2) {
-    return at::addmm(p.norms.slice(0, m0, m1).unsqueeze(0), p.x_scaled.slice(0, r0, r1),
-                     keys.t());
-  }
-  return at::mm(p.x_scaled.slice(0, r0, r1), keys.t());
+  const float big = std::numeric_limits<float>::max();
+  return s.clamp_(-big, big);
 }
 
-// (p, g) of a score tile for queries [r0, r1) (see the header for g).
-std::tuple<at::Tensor, at::Tensor> weights_and_slopes(const Problem& p, const at::Tensor& z,
+// (p, g) of a similarity tile for queries [r0, r1) (see the header for g, the derivative of p
+// with respect to the score z = beta s).
+std::tuple<at::Tensor, at::Tensor> weights_and_slopes(const Problem& p, const at::Tensor& s,
                                                       int64_t r0, int64_t r1) {
   auto t = p.threshold.slice(0, r0, r1).unsqueeze(1);
   if (p.separation == kSoftmax) {
-    auto weights = (z - t).exp_();
+    auto s_max = p.s_max.slice(0, r0, r1).unsqueeze(1);
+    auto weights = (s - s_max).mul_(p.beta).sub_(t).exp_();
     return {weights, weights};
   }
+  const auto& z = s;  // polynomial: relu(beta s)^n normalised does not depend on beta
   if (p.separation == kPolynomial) {
     // A row with no positive score has t = -inf and zero weights: t = +inf gives exp(-inf) = 0.
     auto safe_t = at::where(at::isinf(t), at::full_like(t, std::numeric_limits<float>::infinity()), t);
     auto positive = z > 0;
     auto log_r = at::where(positive, z, at::ones_like(z)).log_();
     auto weights = at::where(positive, (log_r * p.degree - safe_t).exp_(), at::zeros_like(z));
-    auto slopes = at::where(positive, (log_r * (p.degree - 1.0) - safe_t).exp_() * p.degree,
+    // g = n p / z = n relu(s)^(n - 1) exp(-t) / beta.
+    auto slopes = at::where(positive,
+                            (log_r * (p.degree - 1.0) - safe_t).exp_() * (p.degree / p.beta),
                             at::zeros_like(z));
     return {weights, slopes};
   }
   const double q = 1.0 / (p.alpha - 1.0);
-  auto excess = (z * static_cast<float>(p.alpha - 1.0) - t).clamp_min_(0.0);
+  auto s_max = p.s_max.slice(0, r0, r1).unsqueeze(1);
+  auto excess = (s - s_max).mul_((p.alpha - 1.0) * p.beta).sub_(t).clamp_min_(0.0);
   if (q == 1.0) return {excess, (excess > 0).to(at::kFloat)};
   return {excess.pow(q), excess.pow(q - 1.0)};
 }
@@ -132,6 +144,19 @@ void for_each_tile(const Problem& p, const Grid& grid, const Fn& fn) {
       }
     }
   });
+}
+
+// The row maximum of the similarities, by a pass with the same tiles as the others.
+at::Tensor row_max(const Problem& p) {
+  const int64_t rows = p.x.size(0);
+  Grid grid(rows, p.keys.size(0));
+  auto best = at::full({grid.splits, rows}, -std::numeric_limits<float>::infinity(), at::kFloat);
+  for_each_tile(p, grid, [&](int64_t, int64_t split, int64_t r0, int64_t r1, int64_t m0,
+                             int64_t m1, const at::Tensor& keys, const at::Tensor&) {
+    auto slice = best[split].slice(0, r0, r1);
+    slice.copy_(at::maximum(slice, std::get<0>(score_tile(p, r0, r1, m0, m1, keys).max(1))));
+  });
+  return std::get<0>(best.max(0)).contiguous();
 }
 
 // c for entmax: sum_j g_j dp_j / sum_j g_j = dout . (sum_j g_j v_j) / sum_j g_j.
@@ -222,14 +247,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> retrieve_step_backward_cpu(
                   out.sizes() == grad_out.sizes() && threshold.numel() == x.size(0),
               "retrieve_step_backward: shapes do not match");
   TORCH_CHECK(x.scalar_type() == at::kFloat, "retrieve_step_backward: queries must be float32");
-  Problem p{x.contiguous(), at::Tensor(), keys, values, at::Tensor(),
+  Problem p{x.contiguous(), at::Tensor(), keys, values, at::Tensor(), at::Tensor(),
             grad_out.to(at::kFloat).contiguous(), threshold.to(at::kFloat).contiguous(),
             at::Tensor(), beta, similarity, separation, alpha, degree};
-  p.x_scaled = p.x * (similarity == kL2 ? 2.0 * beta : beta);
+  p.x_scaled = similarity == kL2 ? p.x * 2.0 : p.x;
   if (similarity == kL2) {
     auto norms = sq_norms.has_value() ? sq_norms->to(at::kFloat) : keys.to(at::kFloat).pow(2).sum(1);
-    p.norms = (norms * -beta).contiguous();
+    p.norms = norms.neg().contiguous();
   }
+  if (separation != kPolynomial) p.s_max = row_max(p);
   p.shift = separation == kEntmax ? entmax_shift(p) : (p.grad_out * out.to(at::kFloat)).sum(1);
   auto [grad_x, grad_keys, grad_values] = backward_pass(p);
   return {grad_x, grad_keys, grad_values};

@@ -13,9 +13,16 @@
 //                threshold is solved exactly on them and the output gathered from the support
 //                alone. Queries whose window holds more than `capacity` scores are finished by
 //                Newton passes over the bank and a full output pass (see hen_fast/reference.py).
+// Extremes: beta is never folded into the scores. Tiles hold similarities s (clamped to float's
+// finite range, so that an overflowed similarity cannot meet inf - inf), and beta multiplies
+// differences from the row maximum, beta (s - s_max) <= 0, which are finite or -inf, never NaN.
+// Thresholds are relative to the row maximum (the support of entmax lies in (alpha - 1) beta
+// (s - s_max) > -1), so beta up to 1e30 and scores far beyond float's range give the limit.
 // Registered as the torch.library op hen_fast::retrieve_step (CPU); the steps loop is Python's.
-// Its last output, the threshold t that turns a score into a weight (softmax and polynomial: the
-// log-normaliser; entmax: tau), is what retrieve_backward_cpu.cpp recomputes the weights from.
+// Its last output, the threshold t that turns a score into a weight, is what
+// retrieve_backward_cpu.cpp recomputes the weights from, relative to the row maximum s_max of the
+// similarities: softmax p = exp(beta (s - s_max) - t) (t = log of the normaliser), polynomial
+// p = relu(s)^n exp(-t) (beta cancels), entmax p = [(alpha - 1) beta (s - s_max) - t]_+^q.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,13 +46,14 @@ constexpr int64_t kTile = 2048;         // 64 x 2048 floats = 512 KB (best of 51
 constexpr int64_t kQueryBlock = 64;     // queries per task
 constexpr int64_t kMinSplit = 4096;     // memories per split at least
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kFloatMax = std::numeric_limits<float>::max();
 
 struct Problem {
   at::Tensor x;       // (B, d) float32, contiguous
-  at::Tensor x_scaled;  // beta x (dot) or 2 beta x (l2)
+  at::Tensor x_scaled;  // x (dot) or 2 x (l2)
   at::Tensor keys;    // (M, d) any float dtype
   at::Tensor values;  // (M, dv) any float dtype
-  at::Tensor norms;   // (M,) -beta ||k||^2 in float32 for l2, else undefined
+  at::Tensor norms;   // (M,) -||k||^2 in float32 for l2, else undefined
   double beta;
   int64_t similarity;
   int64_t separation;
@@ -53,22 +61,23 @@ struct Problem {
   double degree;
 };
 
-// beta * sim for queries [r0, r1) against memories [m0, m1), into `scores` (rows x cols). The
-// scale is folded into the operands: p.x_scaled is beta x (dot) or 2 beta x (l2), and p.norms
-// holds -beta ||k||^2, so one BLAS call (addmm) writes the finished scores.
+// sim for queries [r0, r1) against memories [m0, m1), into `scores` (rows x cols), clamped to
+// float's finite range. p.x_scaled is x (dot) or 2 x (l2) and p.norms holds -||k||^2, so one
+// BLAS call (addmm) writes them; beta is applied later, to differences from the row maximum.
 void score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                 at::Tensor& scores) {
   auto keys = p.keys.slice(0, m0, m1).to(at::kFloat).contiguous();
   if (p.similarity == kManhattan) {
     auto x = p.x.slice(0, r0, r1);
     manhattan_block(x.data_ptr<float>(), r1 - r0, keys.data_ptr<float>(), m1 - m0, x.size(1),
-                    scores.data_ptr<float>(), scores.stride(0), static_cast<float>(-p.beta));
+                    scores.data_ptr<float>(), scores.stride(0), -1.f);
   } else if (p.similarity == kL2) {
     at::addmm_out(scores, p.norms.slice(0, m0, m1).unsqueeze(0), p.x_scaled.slice(0, r0, r1),
                   keys.t());
   } else {
     at::mm_out(scores, p.x_scaled.slice(0, r0, r1), keys.t());
   }
+  scores.clamp_(-kFloatMax, kFloatMax);  // keeps NaN: a NaN input reaches its outputs
 }
 
 // Runs fn(z, t0, t1) on the finished scores of each tile [t0, t1) of memories [m0, m1) for
@@ -170,9 +179,10 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
       track_argmax(z, t0, best, index);
       at::Tensor new_max, rescale;
       if (softmax) {
+        // new_max is finite (clamped scores), so no -inf - -inf: the first tile rescales by 0.
         new_max = at::maximum(running_max, std::get<0>(z.max(1)));
-        rescale = (running_max - new_max).exp_();
-        z.sub_(new_max.unsqueeze(1)).exp_();  // z now holds the weights
+        rescale = (running_max - new_max).mul_(p.beta).exp_();
+        z.sub_(new_max.unsqueeze(1)).mul_(p.beta).exp_();  // z now holds the weights
       } else {
         count.add_((z > 0).sum(1));
         z.clamp_min_(0.0);
@@ -191,50 +201,56 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
   auto row_max = std::get<0>(part.max.max(1, /*keepdim=*/true));
   at::Tensor weight;
   if (softmax) {
-    weight = (part.max - row_max).exp();
+    weight = (part.max - row_max).mul_(p.beta).exp_();
   } else {
     weight = (part.max / at::where(row_max > 0, row_max, at::ones_like(row_max))).pow(p.degree);
   }
   auto total = (part.sum * weight).sum(1);
   auto out = (part.acc * weight.unsqueeze(2)).sum(1);
-  at::Tensor lse;
+  // lse in float64 (beta s_max may be far beyond float's range), the threshold relative.
+  at::Tensor lse, threshold;
   if (softmax) {
     out.div_(total.unsqueeze(1));
-    lse = row_max.squeeze(1) + total.log();
+    threshold = total.log();
+    lse = row_max.squeeze(1).to(at::kDouble) * p.beta + threshold.to(at::kDouble);
   } else {
     auto nonzero = total > 0;
     out = at::where(nonzero.unsqueeze(1), out / at::where(nonzero, total, at::ones_like(total))
                                                      .unsqueeze(1), at::zeros_like(out));
-    lse = at::where(nonzero, row_max.squeeze(1).log() * p.degree + total.log(),
-                    at::full_like(total, kNegInf));
+    threshold = at::where(nonzero, row_max.squeeze(1).log() * p.degree + total.log(),
+                          at::full_like(total, kNegInf));
+    lse = threshold.to(at::kDouble) + p.degree * std::log(p.beta);
   }
   auto support = part.count.sum(1);
   if (softmax && want_info) {
-    // p > 1e-6  <=>  z > lse + log(1e-6): a counting pass over the bank.
-    auto threshold = (lse + std::log(1e-6)).unsqueeze(1);
+    // p > 1e-6  <=>  beta (s - s_max) > t + log(1e-6): a counting pass over the bank.
+    auto cut = (threshold + std::log(1e-6)).unsqueeze(1);
     Tasks again(rows, num_memories);
     auto counts = at::zeros({rows, again.splits}, at::kLong);
     for_each_task(again, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1,
                                                  int64_t m0, int64_t m1) {
       for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
+        z.sub_(row_max.slice(0, r0, r1)).mul_(p.beta);
         counts.select(1, task % again.splits).slice(0, r0, r1)
-            .add_((z > threshold.slice(0, r0, r1)).sum(1));
+            .add_((z > cut.slice(0, r0, r1)).sum(1));
       });
     });
     support = counts.sum(1);
   }
-  return {out, support, argmax, lse, lse.clone()};
+  return {out, support, argmax, lse.to(at::kFloat), threshold};
 }
 
 double power(double base, double exponent) {
   return base > 0 ? (exponent == 1.0 ? base : std::pow(base, exponent)) : 0.0;
 }
 
-// tau with sum_i [y_i - tau]_+^q = 1 for y sorted descending: closed forms for sparsemax and
-// alpha 1.5, Newton from the left on h(tau) = ||[y - tau]_+||_q otherwise (as the reference).
-// An overflowing row's window may have lost its entries: then max(y) - 1, a valid lower bound.
-double sorted_threshold(const std::vector<double>& y, double alpha, double y_max) {
-  if (y.empty()) return y_max - 1.0;
+// tau with sum_i [y_i - tau]_+^q = 1 for y sorted descending and relative to the row maximum
+// (y_0 = 0, every y in (-1, 0]): closed forms for sparsemax and alpha 1.5, Newton from the left
+// on h(tau) = ||[y - tau]_+||_q otherwise (as the reference). Relative, nothing cancels however
+// large beta or the scores are. An overflowing row's window may have lost its entries: then -1,
+// a valid lower bound.
+double sorted_threshold(const std::vector<double>& y, double alpha) {
+  if (y.empty()) return -1.0;
   const double q = 1.0 / (alpha - 1.0);
   if (alpha == 2.0 || alpha == 1.5) {
     double sum = 0, sum_sq = 0, tau = y[0] - 1.0;
@@ -270,74 +286,133 @@ double sorted_threshold(const std::vector<double>& y, double alpha, double y_max
   return tau;
 }
 
+// y = (alpha - 1) beta (s - s_max) in double: <= 0, finite for clamped similarities.
+inline double relative_y(float s, double s_max, double scale) {
+  return scale * (static_cast<double>(s) - s_max);
+}
+
 // Wide supports: Newton passes over the bank for some rows, from thresholds known to lie at or
-// below the true ones, then a full output pass. Writes those rows of out, support and lse.
-void finish_wide_rows(const Problem& whole, const at::Tensor& which, at::Tensor tau_start,
-                      const at::Tensor& y_max, at::Tensor out, at::Tensor support,
+// below the true ones, then a full output pass. Writes those rows of out, support, lse and tau.
+// The passes run the first pass's tasks (same query blocks, splits and tiles) and skip blocks
+// without a wide row: a product over other rows may round differently, and at large beta one
+// ulp of a score is far more than the support's width, so the scores must be the same bits.
+void finish_wide_rows(const Problem& p, const Tasks& tasks, const std::vector<int64_t>& wide,
+                      const std::vector<double>& s_max, at::Tensor out, at::Tensor support,
                       at::Tensor lse, at::Tensor tau_out) {
-  Problem p = whole;
-  p.x = whole.x.index_select(0, which).contiguous();
-  p.x_scaled = whole.x_scaled.index_select(0, which).contiguous();
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
-  const double alpha = p.alpha, q = 1.0 / (alpha - 1.0);
-  Tasks tasks(rows, num_memories);
-  auto tau = tau_start.clone();
-  for (int iteration = 0; iteration < 100; ++iteration) {
-    auto sum_q = at::zeros({rows, tasks.splits}, at::kDouble);
-    auto sum_q1 = at::zeros({rows, tasks.splits}, at::kDouble);
-    auto span = (y_max - tau).unsqueeze(1);
+  const int64_t count = static_cast<int64_t>(wide.size());
+  const double alpha = p.alpha, q = 1.0 / (alpha - 1.0), scale = (alpha - 1.0) * p.beta;
+  std::vector<int64_t> slot(rows, -1);  // row -> position in `wide`
+  std::vector<char> block_has(tasks.blocks, 0);
+  for (int64_t k = 0; k < count; ++k) {
+    slot[wide[k]] = k;
+    block_has[wide[k] / kQueryBlock] = 1;
+  }
+  double* taus = tau_out.data_ptr<double>();
+  std::vector<double> tau(count), y_top(count, 0.0);
+  for (int64_t k = 0; k < count; ++k) tau[k] = taus[wide[k]];
+  // Per (split, wide row) partial sums; one writer per slot.
+  auto visit = [&](const auto& fn) {
     for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                  int64_t m1) {
+      if (!block_has[r0 / kQueryBlock]) return;
       const int64_t split = task % tasks.splits;
       for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
-        auto ratio = ((z.to(at::kDouble) * (alpha - 1.0) - tau.slice(0, r0, r1).unsqueeze(1))
-                          .clamp_min_(0.0) / span.slice(0, r0, r1));
-        sum_q.select(1, split).slice(0, r0, r1).add_(ratio.pow(q).sum(1));
-        auto inner = q == 1.0 ? (ratio > 0).to(at::kDouble) : ratio.pow(q - 1.0);
-        sum_q1.select(1, split).slice(0, r0, r1).add_(inner.sum(1));
+        const float* zs = z.data_ptr<float>();
+        for (int64_t i = 0; i < r1 - r0; ++i) {
+          const int64_t k = slot[r0 + i];
+          if (k >= 0) fn(split, k, zs + i * z.stride(0), t0, t1);
+        }
       });
     });
-    auto s_q = sum_q.sum(1), s_q1 = sum_q1.sum(1);
-    auto norm = s_q.pow(1.0 / q);
-    auto step = ((span.squeeze(1) * norm - 1.0) / (norm / s_q * s_q1)).nan_to_num(0.0)
-                    .clamp_min(0.0);
-    tau.add_(step);
-    const double eps = 16 * std::numeric_limits<float>::epsilon();
-    if ((step <= eps * at::maximum(tau.abs(), span.squeeze(1))).all().item<bool>()) break;
-  }
-  Partials part(rows, tasks.splits, dv, 0.f);
-  auto tau_f = tau.to(at::kFloat);
-  for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
-                                               int64_t m1) {
-    const int64_t split = task % tasks.splits;
-    for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
-      auto weights = (z * static_cast<float>(alpha - 1.0) -
-                      tau_f.slice(0, r0, r1).unsqueeze(1)).clamp_min_(0.0);
-      if (q != 1.0) weights.pow_(q);
-      part.acc.select(1, split).slice(0, r0, r1)
-          .addmm_(weights, p.values.slice(0, t0, t1).to(at::kFloat));
-      part.sum.select(1, split).slice(0, r0, r1).add_(weights.sum(1));
-      part.count.select(1, split).slice(0, r0, r1).add_((weights > 0).sum(1));
-      part.pz.select(1, split).slice(0, r0, r1).add_((weights * z).sum(1));
-      part.pa.select(1, split).slice(0, r0, r1).add_(weights.pow(alpha).sum(1));
+  };
+  std::vector<char> done(count, 0);
+  for (int iteration = 0; iteration < 100; ++iteration) {
+    std::vector<double> sum_q(tasks.splits * count, 0.0), sum_q1(tasks.splits * count, 0.0);
+    visit([&](int64_t split, int64_t k, const float* zs, int64_t t0, int64_t t1) {
+      if (done[k]) return;
+      const double span = -tau[k];
+      double a = 0, b = 0;
+      for (int64_t j = 0; j < t1 - t0; ++j) {
+        const double r = (relative_y(zs[j], s_max[wide[k]], scale) - tau[k]) / span;
+        if (r > 0) {
+          a += power(r, q);
+          b += q == 1.0 ? 1.0 : power(r, q - 1.0);
+        }
+      }
+      sum_q[split * count + k] += a;
+      sum_q1[split * count + k] += b;
     });
+    bool all_done = true;
+    const double eps = 16 * std::numeric_limits<float>::epsilon();
+    for (int64_t k = 0; k < count; ++k) {
+      if (done[k]) continue;
+      double a = 0, b = 0;
+      for (int64_t split = 0; split < tasks.splits; ++split) {
+        a += sum_q[split * count + k];
+        b += sum_q1[split * count + k];
+      }
+      const double span = -tau[k], norm = std::pow(a, 1.0 / q);
+      double step = (span * norm - 1.0) / (norm / a * b);
+      step = std::isnan(step) ? 0.0 : std::max(0.0, step);
+      tau[k] += step;
+      // tau is relative to the maximum, in [-1, 0): an absolute stopping rule.
+      if (step <= eps * std::max(std::fabs(tau[k]), span)) done[k] = 1; else all_done = false;
+    }
+    if (all_done) break;
+  }
+  // The output pass: per (split, wide row) accumulators in double.
+  std::vector<double> acc(tasks.splits * count * dv, 0.0), total(tasks.splits * count, 0.0),
+      dot_py(tasks.splits * count, 0.0), sum_pa(tasks.splits * count, 0.0);
+  std::vector<int64_t> used(tasks.splits * count, 0);
+  visit([&](int64_t split, int64_t k, const float* zs, int64_t t0, int64_t t1) {
+    const int64_t at_k = split * count + k;
+    for (int64_t j = 0; j < t1 - t0; ++j) {
+      const double y = relative_y(zs[j], s_max[wide[k]], scale);
+      const double weight = power(y - tau[k], q);
+      if (weight <= 0) continue;
+      auto value = p.values[t0 + j].to(at::kDouble).contiguous();
+      const double* v = value.data_ptr<double>();
+      double* a = acc.data() + at_k * dv;
+      for (int64_t c = 0; c < dv; ++c) a[c] += weight * v[c];
+      total[at_k] += weight;
+      dot_py[at_k] += weight * y;
+      sum_pa[at_k] += std::pow(weight, alpha);
+      ++used[at_k];
+    }
   });
-  auto total = part.sum.sum(1);
-  tau_out.index_copy_(0, which, tau);
-  out.index_copy_(0, which, part.acc.sum(1) / total.unsqueeze(1));
-  support.index_copy_(0, which, part.count.sum(1));
-  lse.index_copy_(0, which, part.pz.sum(1) / total +
-                                (1.0 - part.pa.sum(1) / total.pow(alpha)) /
-                                    (alpha * (alpha - 1.0)));
+  auto out_rows = at::zeros({count, dv}, at::kDouble);
+  double* o = out_rows.data_ptr<double>();
+  int64_t* supports = support.data_ptr<int64_t>();
+  float* lses = lse.data_ptr<float>();
+  for (int64_t k = 0; k < count; ++k) {
+    double t = 0, py = 0, pa = 0;
+    int64_t n = 0;
+    for (int64_t split = 0; split < tasks.splits; ++split) {
+      const int64_t at_k = split * count + k;
+      t += total[at_k];
+      py += dot_py[at_k];
+      pa += sum_pa[at_k];
+      n += used[at_k];
+      for (int64_t c = 0; c < dv; ++c) o[k * dv + c] += acc[at_k * dv + c];
+    }
+    for (int64_t c = 0; c < dv; ++c) o[k * dv + c] /= t;
+    const int64_t r = wide[k];
+    taus[r] = tau[k];
+    supports[r] = n;
+    lses[r] = static_cast<float>(p.beta * s_max[r] + py / (t * (alpha - 1.0)) +
+                                 (1.0 - pa / std::pow(t, alpha)) / (alpha * (alpha - 1.0)));
+  }
+  out.index_copy_(0, at::tensor(wide, at::kLong), out_rows.to(at::kFloat));
 }
 
 StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
-  const double alpha = p.alpha, q = 1.0 / (alpha - 1.0);
+  const double alpha = p.alpha, q = 1.0 / (alpha - 1.0), scale = (alpha - 1.0) * p.beta;
   Tasks tasks(rows, num_memories);
   Partials part(rows, tasks.splits, dv, kNegInf);
-  // Candidates per (task, row in block): (y, memory index); a task that would keep more than
-  // `capacity` for a row marks the row as overflowing.
+  // Candidates per (task, row in block): (similarity, memory index); a task that would keep more
+  // than `capacity` for a row marks the row as overflowing.
   std::vector<std::vector<std::pair<float, int64_t>>> kept(tasks.count() * kQueryBlock);
   std::vector<char> task_overflow(tasks.count() * kQueryBlock, 0);  // one writer per slot
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
@@ -346,18 +421,18 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
     auto best = part.best.select(1, split).slice(0, r0, r1);
     auto index = part.index.select(1, split).slice(0, r0, r1);
     for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
-      track_argmax(z, t0, best, index);  // best stays the running max of z
+      track_argmax(z, t0, best, index);  // best stays the running max of s
       const float* zs = z.data_ptr<float>();
       const float* running = best.data_ptr<float>();  // a column of part.best: strided
       const int64_t stride = z.stride(0), running_stride = best.stride(0);
       for (int64_t i = 0; i < r1 - r0; ++i) {
         auto& list = kept[task * kQueryBlock + i];
-        const float floor_y =
-            static_cast<float>((alpha - 1.0) * running[i * running_stride] - 1.0);
+        const double running_max = running[i * running_stride];
         for (int64_t j = 0; j < t1 - t0; ++j) {
-          const float y = static_cast<float>((alpha - 1.0) * zs[i * stride + j]);
-          if (y > floor_y) {
-            if (static_cast<int64_t>(list.size()) < capacity) list.emplace_back(y, t0 + j);
+          const float s = zs[i * stride + j];
+          // In the window of the running maximum: (alpha - 1) beta (s - max) > -1.
+          if (relative_y(s, running_max, scale) > -1.0) {
+            if (static_cast<int64_t>(list.size()) < capacity) list.emplace_back(s, t0 + j);
             else task_overflow[task * kQueryBlock + i] = 1;
           }
         }
@@ -374,27 +449,29 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   int64_t* supports = support.data_ptr<int64_t>();
   float* lses = lse.data_ptr<float>();
   std::vector<char> overflow(rows, 0);
+  std::vector<double> s_max(rows);
   // Rows whose window fit: exact threshold on the candidates, output from the support alone.
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const double y_max = (alpha - 1.0) * tops[r];
-      std::vector<std::pair<float, int64_t>> window;
+      s_max[r] = tops[r];
+      std::vector<std::pair<double, int64_t>> window;
       const int64_t block = r / kQueryBlock;
       for (int64_t split = 0; split < tasks.splits; ++split) {
         const int64_t slot = (block * tasks.splits + split) * kQueryBlock + r % kQueryBlock;
         overflow[r] |= task_overflow[slot];
         for (const auto& entry : kept[slot]) {
-          if (entry.first > y_max - 1.0) window.push_back(entry);
+          const double y = relative_y(entry.first, s_max[r], scale);
+          if (y > -1.0) window.emplace_back(y, entry.second);
         }
       }
       std::sort(window.begin(), window.end(),
                 [](const auto& a, const auto& b) { return a.first > b.first; });
       std::vector<double> y(window.size());
       for (size_t k = 0; k < window.size(); ++k) y[k] = window[k].first;
-      const double threshold = sorted_threshold(y, alpha, y_max);
+      const double threshold = sorted_threshold(y, alpha);
       taus[r] = threshold;
       if (overflow[r]) continue;
-      double total = 0, dot_pz = 0, sum_pa = 0;
+      double total = 0, dot_py = 0, sum_pa = 0;
       int64_t count = 0;
       std::vector<int64_t> rows_used;
       std::vector<float> weights;
@@ -404,9 +481,14 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
         rows_used.push_back(window[k].second);
         weights.push_back(static_cast<float>(weight));
         total += weight;
-        dot_pz += weight * y[k] / (alpha - 1.0);
+        dot_py += weight * y[k];
         sum_pa += std::pow(weight, alpha);
         ++count;
+      }
+      if (count == 0) {  // a NaN query: no score compares, nothing in the window
+        out[r].fill_(std::numeric_limits<float>::quiet_NaN());
+        lses[r] = std::numeric_limits<float>::quiet_NaN();
+        continue;
       }
       // Only the support's value rows are read: one gather and one matrix-vector product.
       auto used = p.values.index_select(0, at::tensor(rows_used, at::kLong)).to(at::kFloat);
@@ -414,20 +496,17 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
       row_out.copy_(at::mv(used.t(), at::tensor(weights, at::kFloat)));
       row_out.div_(total);
       supports[r] = count;
-      lses[r] = static_cast<float>(dot_pz / total + (1.0 - sum_pa / std::pow(total, alpha)) /
-                                                      (alpha * (alpha - 1.0)));
+      // Energy <p, z> + Tsallis entropy, <p, z> = beta s_max + <p, y> / (alpha - 1).
+      lses[r] = static_cast<float>(p.beta * s_max[r] + dot_py / (total * (alpha - 1.0)) +
+                                   (1.0 - sum_pa / std::pow(total, alpha)) /
+                                       (alpha * (alpha - 1.0)));
     }
   });
   std::vector<int64_t> wide;
   for (int64_t r = 0; r < rows; ++r) {
     if (overflow[r]) wide.push_back(r);
   }
-  if (!wide.empty()) {
-    auto which = at::tensor(wide, at::kLong);
-    finish_wide_rows(p, which, tau.index_select(0, which),
-                     top.index_select(0, which).to(at::kDouble) * (alpha - 1.0), out, support,
-                     lse, tau);
-  }
+  if (!wide.empty()) finish_wide_rows(p, tasks, wide, s_max, out, support, lse, tau);
   return {out, support, argmax, lse, tau.to(at::kFloat)};
 }
 
@@ -441,10 +520,10 @@ StepOutputs retrieve_step_cpu(
   TORCH_CHECK(x.scalar_type() == at::kFloat, "retrieve_step: queries must be float32");
   Problem p{x.contiguous(), at::Tensor(), keys, values, at::Tensor(), beta, similarity,
             separation, alpha, degree};
-  p.x_scaled = p.x * (similarity == kL2 ? 2.0 * beta : beta);
+  p.x_scaled = similarity == kL2 ? p.x * 2.0 : p.x;
   if (similarity == kL2) {
     auto norms = sq_norms.has_value() ? sq_norms->to(at::kFloat) : keys.to(at::kFloat).pow(2).sum(1);
-    p.norms = (norms * -beta).contiguous();
+    p.norms = norms.neg().contiguous();
   }
   if (separation == kEntmax) return sparse_step(p, std::max<int64_t>(1, capacity));
   return smooth_step(p, want_info);

@@ -24,6 +24,7 @@ constexpr float kInf = __builtin_huge_valf();
 
 struct QueryState {
   float max[kQueries], sum[kQueries], scale[kQueries], best[kQueries], tau[kQueries];
+  float top[kQueries];  // kEntmaxOutput: the row's maximum similarity (tau is relative to it)
   float pz[kQueries], pa[kQueries];
   int64_t index[kQueries], count[kQueries];
 };
@@ -47,14 +48,16 @@ __device__ __forceinline__ void weigh_tile(const PassArgs& a, QueryState& s, int
   float new_max = old_max, scale = 1.f, sum = 0.f, pz = 0.f, pa = 0.f;
   int count = 0;
   if (MODE == kSoftmax) {
+    // Similarities: a.scale (beta log2 e) multiplies differences from the running max only.
     new_max = fmaxf(old_max, best);
-    scale = exp2f(old_max - new_max);  // 0 on the first tile (old_max = -inf)
+    scale = exp2f(a.scale * (old_max - new_max));  // 0 on the first tile (old_max = -inf)
     for (int r = lane; r < rows; r += 32) {
-      const float w = exp2f(zq[r] - new_max);
+      const float w = exp2f(a.scale * (zq[r] - new_max));
       zq[r] = w;
       sum += w;
     }
   } else if (MODE == kPolynomial) {
+    // relu(beta s)^n normalised: beta cancels, the similarities are used as they are.
     new_max = fmaxf(old_max, best);  // old_max >= 0: the running max of relu(z)
     const float divisor = new_max > 0.f ? new_max : 1.f;
     scale = power(old_max / divisor, a.degree);
@@ -66,10 +69,11 @@ __device__ __forceinline__ void weigh_tile(const PassArgs& a, QueryState& s, int
       sum += w;
     }
   } else {
+    // y = (alpha - 1) beta (s - s_max) and tau, both relative to the row maximum.
     const float tau = s.tau[q], exponent = static_cast<float>(1.0 / (a.alpha - 1.0));
-    const float alpha = static_cast<float>(a.alpha);
+    const float alpha = static_cast<float>(a.alpha), top = s.top[q];
     for (int r = lane; r < rows; r += 32) {
-      const float y = zq[r], excess = y - tau;
+      const float y = a.scale * (zq[r] - top), excess = y - tau;
       const float w = excess > 0.f ? power(excess, exponent) : 0.f;
       zq[r] = w;
       sum += w;
@@ -144,6 +148,8 @@ __global__ void __launch_bounds__(kThreads) dense_pass_kernel(const PassArgs a) 
     s.pz[tid] = 0.f;
     s.pa[tid] = 0.f;
     s.tau[tid] = (MODE == kEntmaxOutput && tid < b.nq) ? a.tau[b.q0 + tid] : 0.f;
+    s.top[tid] = (MODE == kEntmaxOutput && tid < b.nq)
+                     ? static_cast<float>(a.y_max64[b.q0 + tid]) : 0.f;
   }
   load_queries(a, b, x_s);
   for (int i = tid; i < kQueries * a.value_dim; i += kThreads) acc_s[i] = 0.f;
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs a, con
   const float divisor = top > 0.f ? top : 1.f;
   for (int s = threadIdx.x; s < splits; s += kThreads) {
     const float m = a.part_max[s * rows + row];
-    split_weight[s] = MODE == kSoftmax       ? exp2f(m - top)
+    split_weight[s] = MODE == kSoftmax       ? exp2f(a.scale * (m - top))
                       : MODE == kPolynomial ? power(m / divisor, a.degree)
                                             : 1.f;
   }
@@ -258,14 +264,20 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs a, con
       }
     }
     float lse;
+    // In double: beta s_max may lie beyond float's range (then lse is +-inf, never NaN).
     if (MODE == kSoftmax) {
-      lse = (top + log2f(total)) * kLn2;
+      lse = static_cast<float>((static_cast<double>(a.scale) * top + log2(total)) * kLn2);
     } else if (MODE == kPolynomial) {
-      lse = total > 0.f ? a.degree * logf(top) + logf(total) : -kInf;
+      lse = total > 0.f ? static_cast<float>(a.degree * (log(static_cast<double>(top)) +
+                                                         log(static_cast<double>(a.scale))) +
+                                             log(static_cast<double>(total)))
+                        : -kInf;
     } else {
-      const float alpha = static_cast<float>(a.alpha);
-      lse = pz / (alpha - 1.f) / total +
-            (1.f - pa / powf(total, alpha)) / (alpha * (alpha - 1.f));
+      // <p, z> = beta s_max + <p, y> / (alpha - 1), beta = a.scale / (alpha - 1).
+      const double alpha = a.alpha;
+      lse = static_cast<float>(a.scale / (alpha - 1.0) * a.y_max64[row] +
+                               pz / (alpha - 1.0) / total +
+                               (1.0 - pa / pow(total, alpha)) / (alpha * (alpha - 1.0)));
     }
     total_s = total;
     o.support[row] = count;
@@ -284,8 +296,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs a, con
   }
 }
 
-// Per (split, row): the count of scores above a.threshold[row] (softmax support), or the Newton
-// sums of the sparse fallback, sum r^q and sum_{r>0} r^(q-1) with r = [y - tau]_+ / (y_max - tau).
+// Per (split, row): the count of scores a.scale s above a.threshold[row] (softmax support), or
+// the Newton sums of the sparse fallback, sum r^q and sum_{r>0} r^(q-1) with r = [y - tau]_+ /
+// (-tau), y = a.scale (s - s_max) and tau relative to the row maximum s_max = a.y_max64[row].
 template <typename T, int SIM, int MODE>
 __global__ void __launch_bounds__(kThreads) stats_pass_kernel(const PassArgs a) {
   extern __shared__ float4 shared_f4[];
@@ -319,7 +332,8 @@ __global__ void __launch_bounds__(kThreads) stats_pass_kernel(const PassArgs a) 
   const int row = b.q0 + warp;
   const float threshold = (MODE == kCountAbove && active) ? a.threshold[row] : 0.f;
   const double tau = (MODE == kNewtonSums && active) ? a.tau64[row] : 0.0;
-  const double span = (MODE == kNewtonSums && active) ? a.y_max64[row] - tau : 1.0;
+  const double span = (MODE == kNewtonSums && active) ? -tau : 1.0;
+  const double top = (MODE == kNewtonSums && active) ? a.y_max64[row] : 0.0;
   const double exponent = 1.0 / (static_cast<double>(a.alpha) - 1.0);
   int64_t count = 0;
   double sum_q = 0.0, sum_q1 = 0.0;
@@ -331,9 +345,10 @@ __global__ void __launch_bounds__(kThreads) stats_pass_kernel(const PassArgs a) 
       for (int r = lane; r < rows; r += 32) {
         const float z = z_s[warp * kTile + r];
         if (MODE == kCountAbove) {
-          count += z > threshold;
+          count += a.scale * z > threshold;
         } else {
-          const double ratio = fmax(static_cast<double>(z) - tau, 0.0) / span;
+          const double y = static_cast<double>(a.scale) * (static_cast<double>(z) - top);
+          const double ratio = fmax(y - tau, 0.0) / span;
           if (ratio > 0.0) {
             sum_q += power(ratio, exponent);
             sum_q1 += power(ratio, exponent - 1.0);

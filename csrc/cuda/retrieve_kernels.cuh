@@ -124,14 +124,24 @@ __device__ __forceinline__ void load_queries(const PassArgs& a, const BlockRange
   }
 }
 
+// v clamped to [-FLT_MAX, FLT_MAX]; NaN stays NaN (comparisons with it are false).
+__device__ __forceinline__ float clamp_finite(float v) {
+  constexpr float kMax = 3.402823466e+38f;
+  return v > kMax ? kMax : (v < -kMax ? -kMax : v);
+}
+
 template <int SIM>
 __device__ __forceinline__ float term(float x, float k) {
   if (SIM == kManhattan) return fabsf(x - k);
   return x * k;
 }
 
-// z_s[q * kTile + r] = score of query q against bank row tile_start + r, for r < rows and every
-// q < kQueries (absent queries score their zero rows). One warp per bank row.
+// z_s[q * kTile + r] = similarity of query q to bank row tile_start + r (l2: 2 x.k - ||k||^2),
+// for r < rows and every q < kQueries (absent queries score their zero rows). One warp per bank
+// row. The similarity is clamped to float's finite range (NaN stays NaN) and a.scale is NOT
+// applied: the passes multiply differences from the row maximum by it, a.scale (s - s_max) <= 0,
+// which is finite or -inf, never NaN, so beta up to 1e30 and scores beyond float's range give
+// the limit (the memories whose similarity overflowed tie at FLT_MAX).
 template <typename T, int SIM>
 __device__ __forceinline__ void score_tile(const PassArgs& a, const float* __restrict__ x_s,
                                            int64_t tile_start, int rows, float* __restrict__ z_s) {
@@ -175,13 +185,13 @@ __device__ __forceinline__ void score_tile(const PassArgs& a, const float* __res
     if (lane < kQueries) {
       float score;
       if (SIM == kDot) {
-        score = a.scale * mine;
+        score = mine;
       } else if (SIM == kL2) {
-        score = a.scale * (2.f * mine - a.sq_norms[m]);
+        score = 2.f * mine - a.sq_norms[m];
       } else {
-        score = -a.scale * mine;
+        score = -mine;
       }
-      z_s[lane * kTile + r] = score;
+      z_s[lane * kTile + r] = clamp_finite(score);
     }
   }
 }

@@ -1,11 +1,15 @@
 // Sparse separations (sparsemax = entmax with alpha 2, entmax any alpha in (1, 2]) with exact
 // thresholds, in the candidate-buffer form:
 //
-// 1. candidate pass: scores y = (alpha - 1) beta sim; per (query block, split) a running max of
-//    y, and every y above (running max - 1) appended to the query's buffer (atomic slot). The
-//    support lies in y > max(y) - 1 and a split's running max is at most the row's, so the
+// Everything is relative to the row maximum: with s the similarity (score_tile) and a.scale =
+// (alpha - 1) beta, y = a.scale (s - s_max) <= 0 in double, never NaN, and tau in [-1, 0). So
+// beta up to 1e30 and scores beyond float's range give the limit; tau64 and the float tau the
+// output pass reads are relative, y_max64 is the row's maximum similarity s_max.
+// 1. candidate pass: per (query block, split) a running max of s, and every s whose y relative
+//    to the running max is above -1 appended to the query's buffer (atomic slot). The
+//    support lies in y > -1 and a split's running max is at most the row's, so the
 //    buffer holds the whole support unless it overflows.
-// 2. threshold kernel (one block per query): merges the argmax, keeps the window y > y_max - 1,
+// 2. threshold kernel (one block per query): merges the argmax, keeps the window y > -1,
 //    sorts it (bitonic, in shared memory, ties by memory index so the result is deterministic),
 //    solves tau exactly (closed forms for alpha 2 and 1.5, Newton from the left otherwise), and
 //    forms the output from the support rows alone.
@@ -57,9 +61,9 @@ __global__ void __launch_bounds__(kThreads) candidate_pass_kernel(const PassArgs
       }
       warp_argmax(best, best_row);
       const float old_best = best_s[warp];
-      const double floor_y = static_cast<double>(fmaxf(old_best, best)) - 1.0;
+      const double running_max = fmaxf(old_best, best);
       for (int r = lane; r < rows; r += 32) {
-        if (static_cast<double>(zq[r]) > floor_y) {
+        if (a.scale * (static_cast<double>(zq[r]) - running_max) > -1.0) {
           const int slot = atomicAdd(a.cand_count + row, 1);
           if (slot < a.capacity) {
             a.cand_y[row * a.capacity + slot] = zq[r];
@@ -199,15 +203,15 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const PassArgs a, c
     kept_s = 0;
   }
   __syncthreads();
-  const double y_max = y_max_s;
+  const double s_max = y_max_s;
   const int count = a.cand_count[row];
   const int stored = min(count, a.capacity);
   for (int i = tid; i < stored; i += kThreads) {
-    const float y = a.cand_y[row * a.capacity + i];
-    if (static_cast<double>(y) > y_max - 1.0) {
+    const double y = a.scale * (static_cast<double>(a.cand_y[row * a.capacity + i]) - s_max);
+    if (y > -1.0) {
       const int slot = atomicAdd(&kept_s, 1);
       if (slot < kWindow) {
-        window_y[slot] = y;
+        window_y[slot] = static_cast<float>(y);
         window_index[slot] = a.cand_index[row * a.capacity + i];
       }
     }
@@ -226,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const PassArgs a, c
   bitonic_sort(window_y, window_index, padded);
   double tau;
   if (kept == 0) {
-    tau = y_max - 1.0;
+    tau = -1.0;
   } else if (alpha == 2.0 || alpha == 1.5) {
     if (tid == 0) tau_s = sorted_threshold(window_y, kept, alpha);
     __syncthreads();
@@ -237,7 +241,7 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const PassArgs a, c
   if (tid == 0) {
     row_flag[row] = overflow ? 1 : 0;
     tau64[row] = tau;
-    y_max64[row] = y_max;
+    y_max64[row] = s_max;
   }
   if (overflow) return;  // uniform: every thread computed the same flag
   // The support is a prefix of the sorted window. Weights overwrite the scores in place.
@@ -257,8 +261,9 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const PassArgs a, c
     support_s = k;
     total_s = total;
     o.support[row] = k;
-    o.lse[row] = static_cast<float>(pz / total + (1.0 - pa / pow(total, alpha)) /
-                                                     (alpha * (alpha - 1.0)));
+    // <p, z> = beta s_max + <p, y> / (alpha - 1), beta = a.scale / (alpha - 1).
+    o.lse[row] = static_cast<float>(a.scale / (alpha - 1.0) * s_max + pz / total +
+                                    (1.0 - pa / pow(total, alpha)) / (alpha * (alpha - 1.0)));
   }
   __syncthreads();
   const int support = support_s;
@@ -282,7 +287,7 @@ __global__ void newton_step_kernel(const PassArgs a, int* row_done, double* tau6
     sum_q1 += a.part_sums[2 * (s * a.rows + row) + 1];
   }
   const double q = 1.0 / (static_cast<double>(a.alpha) - 1.0);
-  const double old_tau = tau64[row], span = a.y_max64[row] - old_tau;
+  const double old_tau = tau64[row], span = -old_tau;  // relative: the maximum is y = 0
   const double norm = pow(sum_q, 1.0 / q);
   double step = (span * norm - 1.0) / (norm / sum_q * sum_q1);
   if (!(step > 0.0)) step = 0.0;  // NaN too
