@@ -28,6 +28,7 @@ SEP_ENTMAX: tl.constexpr = tl.constexpr(SEPARATION["entmax"])
 # Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
 # boundaries do not depend on the tile size an autotuner picks.
 SPLIT_ALIGN = 256
+FLOAT32_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # a constexpr: kernels may read it
 
 
@@ -167,12 +168,16 @@ def score_tile(
 
 @triton.jit
 def finish_scores(acc, norms_ptr, mems, mem_mask, SIM: tl.constexpr):
-    """The similarity from the raw tile (x.k for dot and l2, sum |x - k| for manhattan)."""
+    """The similarity from the raw tile (x.k for dot and l2, sum |x - k| for manhattan),
+    clamped to float32's finite range as in every backend: similarities that overflow tie at the
+    largest float instead of making inf - inf a NaN. The comparisons keep a NaN input's NaN."""
     if SIM == SIM_L2:
         norms = tl.load(norms_ptr + mems, mask=mem_mask, other=0.0)
         acc = 2.0 * acc - norms[None, :]
     if SIM == SIM_MANHATTAN:
         acc = -acc
+    acc = tl.where(acc > FLOAT32_MAX, FLOAT32_MAX, acc)
+    acc = tl.where(acc < -FLOAT32_MAX, -FLOAT32_MAX, acc)
     return tl.where(mem_mask[None, :], acc, float("-inf"))
 
 
