@@ -13,13 +13,12 @@
 //                threshold is solved exactly on them and the output gathered from the support
 //                alone. Queries whose window holds more than `capacity` scores are finished by
 //                Newton passes over the bank and a full output pass (see hen_fast/reference.py).
-// Registered as the torch.library op hen_fast::retrieve_step (CPU); the steps loop is Python's.
+// The CPU kernel of the op hen_fast::retrieve_step (csrc/common/ops.h); the steps loop is Python's.
 // Its last output, the threshold t that turns a score into a weight (softmax and polynomial: the
 // log-normaliser; entmax: tau), is what retrieve_backward_cpu.cpp recomputes the weights from.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -27,13 +26,17 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/ops.h"
+#include "hen_fast/codes.h"
 #include "manhattan.h"
 
 namespace hen_fast {
 namespace {
 
-enum Similarity : int64_t { kDot = 0, kL2 = 1, kManhattan = 2 };
-enum Separation : int64_t { kSoftmax = 0, kPolynomial = 1, kEntmax = 2 };
+// The codes of hen_fast/codes.py (generated header), under this file's short names.
+constexpr int64_t kDot = codes::kSimilarityDot, kL2 = codes::kSimilarityL2,
+                  kManhattan = codes::kSimilarityManhattan;
+constexpr int64_t kSoftmax = codes::kSeparationSoftmax, kEntmax = codes::kSeparationEntmax;
 
 constexpr int64_t kTile = 2048;         // 64 x 2048 floats = 512 KB (best of 512..2048 measured)
 constexpr int64_t kQueryBlock = 64;     // queries per task
@@ -149,7 +152,7 @@ void track_argmax(const at::Tensor& scores, int64_t m0, at::Tensor best, at::Ten
   best.copy_(at::where(better, tile_best, best));
 }
 
-using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using StepOutputs = RetrieveStepResult;  // csrc/common/ops.h
 
 // Softmax and polynomial: one pass.
 StepOutputs smooth_step(const Problem& p, bool want_info) {
@@ -431,8 +434,11 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   return {out, support, argmax, lse, tau.to(at::kFloat)};
 }
 
-StepOutputs retrieve_step_cpu(
-    const at::Tensor& x, const at::Tensor& keys, const c10::optional<at::Tensor>& sq_norms,
+}  // namespace
+
+// Registered by csrc/common/register.cpp as hen_fast::retrieve_step (CPU).
+RetrieveStepResult retrieve_step_cpu(
+    const at::Tensor& x, const at::Tensor& keys, const std::optional<at::Tensor>& sq_norms,
     const at::Tensor& values, double beta, int64_t similarity, int64_t separation, double alpha,
     double degree, int64_t capacity, bool want_info) {
   TORCH_CHECK(x.dim() == 2 && keys.dim() == 2 && values.dim() == 2, "retrieve_step: 2-D inputs");
@@ -449,16 +455,5 @@ StepOutputs retrieve_step_cpu(
   if (separation == kEntmax) return sparse_step(p, std::max<int64_t>(1, capacity));
   return smooth_step(p, want_info);
 }
-
-}  // namespace
-
-TORCH_LIBRARY(hen_fast, m) {
-  m.def(
-      "retrieve_step(Tensor x, Tensor keys, Tensor? sq_norms, Tensor values, float beta, "
-      "int similarity, int separation, float alpha, float degree, int capacity, bool want_info) "
-      "-> (Tensor out, Tensor support, Tensor argmax, Tensor lse, Tensor threshold)");
-}
-
-TORCH_LIBRARY_IMPL(hen_fast, CPU, m) { m.impl("retrieve_step", &retrieve_step_cpu); }
 
 }  // namespace hen_fast

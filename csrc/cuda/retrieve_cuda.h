@@ -7,11 +7,17 @@
 
 #include <cstdint>
 
+#include "hen_fast/codes.h"  // generated from hen_fast/codes.py (setup.py)
+
 namespace hen_fast {
 namespace cuda {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum Similarity : int { kDot = 0, kL2 = 1, kManhattan = 2 };
+// The similarity codes of hen_fast/codes.py, under the kernels' short names.
+constexpr int kDot = codes::kSimilarityDot;
+constexpr int kL2 = codes::kSimilarityL2;
+constexpr int kManhattan = codes::kSimilarityManhattan;
+constexpr int kSimilarityCount = codes::kSimilarityCount;
 // kEntmaxOutput: the output pass of the sparse fallback, weights [y - tau]_+^q with tau given.
 enum DenseMode : int { kSoftmax = 0, kPolynomial = 1, kEntmaxOutput = 2 };
 enum StatsMode : int { kCountAbove = 0, kNewtonSums = 1 };
