@@ -67,6 +67,9 @@ class Step {
       ran_ = true;
       try {
         kept_ = new Libraries(make());
+      } catch (const c10::Error& error) {  // the dispatcher's message, without its C++ backtrace
+        failed_ = true;
+        message_ = error.what_without_backtrace();
       } catch (const std::exception& error) {
         failed_ = true;
         message_ = error.what();

@@ -52,7 +52,7 @@ def _register(library: ctypes.CDLL, function: str) -> str | None:
     register.restype = ctypes.c_char_p
     register.argtypes = []
     failed = register()
-    return None if failed is None else failed.decode(errors="replace")
+    return None if failed is None else failed.decode(errors="replace").strip()
 
 
 @functools.cache

@@ -48,12 +48,12 @@ def is_available() -> bool:
 def unavailable_reason() -> str | None:
     from .cpu import cuda_load_error
 
-    if not torch.cuda.is_available():
-        return "no CUDA device is available"
     error = cuda_load_error()
-    if error is None and not has_cuda_kernel():
+    if error is not None:
+        return error
+    if not has_cuda_kernel():
         return "hen_fast._C was built without CUDA kernels"
-    return error
+    return None if torch.cuda.is_available() else "no CUDA device is available"
 
 
 def check(request: Request) -> str | None:
