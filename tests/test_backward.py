@@ -47,10 +47,29 @@ def _gradients(backend, queries, memories, values, upstream, *, dtype=None, devi
     return out, torch.autograd.grad(loss, wanted)
 
 
+def _gradient_floors(queries, memories, values, upstream, floor, *, beta=1.0, **kw):
+    """The scale of each gradient's terms before they cancel, at least ``floor``: a gradient
+    that cancels to near zero (a support of one memory, whose weight cannot move) is measured
+    against the size of what was summed, as float32 rounds it. For the values that is the
+    upstream gradient (weights are at most 1); for queries and keys, beta x upstream x values x
+    the size of a score's derivative (|k| or |x| for dot, 2 |x - k| for l2, 1 for manhattan)."""
+    big = lambda t: float(t.detach().abs().max())  # noqa: E731
+    values = memories if values is None else values
+    similarity = kw.get("similarity", "dot")
+    slope = {"dot": max(big(queries), big(memories)), "l2": 2 * (big(queries) + big(memories))}
+    weights_scale = beta * big(upstream) * big(values) * slope.get(similarity, 1.0)
+    return {
+        "queries": max(floor, weights_scale),
+        "memories": max(floor, weights_scale, big(upstream)),
+        "values": max(floor, big(upstream)),
+    }
+
+
 def check_gradients(backend, queries, memories, values, *, gen, device="cpu", floor=1e-3, **kw):
     """The accuracy rule above, for every gradient, relative to the largest exact gradient (at
-    least ``floor``: a gradient that is 0 in float64 is rounding noise in float32, for the
-    reference as for the kernels); returns the errors."""
+    least the scale of its terms, see _gradient_floors, and ``floor``: a gradient that is 0 in
+    float64 is rounding noise in float32, for the reference as for the kernels); returns the
+    errors."""
     values_dim = (memories if values is None else values).shape[1]
     upstream = torch.randn(queries.shape[0], values_dim, generator=gen, dtype=torch.float64)
     _, exact = _gradients("torch", queries, memories, values, upstream, dtype=torch.float64, **kw)
@@ -58,8 +77,10 @@ def check_gradients(backend, queries, memories, values, *, gen, device="cpu", fl
     out, fused = _gradients(backend, queries, memories, values, upstream, device=device, **kw)
     assert out.dtype == queries.dtype
     errors = []
+    floors = _gradient_floors(queries, memories, values, upstream, floor, **kw)
     for name, got, ref, want in zip(("queries", "memories", "values"), fused, ours32, exact):
         assert got.dtype == queries.dtype and got.shape == want.shape, name
+        floor = floors[name]
         error, ref_error = rel_err(got.cpu(), want, floor), rel_err(ref, want, floor)
         steps = kw.get("steps", 1)
         # 2x the float32 reference's own error, plus a floor: the reference's error is itself a

@@ -1,7 +1,8 @@
 """Every CUDA source compiles with nvcc for sm_90 and sm_80, on machines without a GPU too
 (compile only). The .cu files include no torch headers (csrc/README.md), so plain nvcc builds
 them; the torch binding beside them (retrieve_cuda.cpp) is syntax-checked against the installed
-torch's headers."""
+torch's headers. Both read the codes header that setup.py generates from hen_fast/codes.py; the
+tests generate it the same way."""
 
 import os
 import shutil
@@ -27,6 +28,16 @@ def run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
+def codes_include_dir(directory: Path) -> Path:
+    """Writes hen_fast/codes.h (as setup.py does) under ``directory``; returns the include dir."""
+    from hen_fast import codes
+
+    header = directory / "generated" / "hen_fast" / "codes.h"
+    header.parent.mkdir(parents=True)
+    header.write_text(codes.c_header())
+    return directory / "generated"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
 @pytest.mark.skipif(not SOURCES, reason="no CUDA sources yet")
@@ -41,6 +52,7 @@ def test_compiles_for_hopper_and_ampere(source, tmp_path):
             str(tmp_path / "out.o"),
             "-std=c++17",
             "-O3",
+            f"-I{codes_include_dir(tmp_path)}",
             *TORCH_NVCC_DEFINES,
             "-gencode",
             "arch=compute_90,code=sm_90",
@@ -85,6 +97,7 @@ def test_binding_compiles_against_torch_headers(binding, tmp_path):
     if not (Path(includes[0]) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").exists():
         includes.append(str(tmp_path))
     command = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-DHEN_FAST_WITH_CUDA"]
+    command += [f"-I{codes_include_dir(tmp_path)}"]
     for include in includes:
         command += ["-isystem", include]
     done = run([*command, str(binding)])

@@ -19,25 +19,28 @@
 // task streams its split in tiles and its group in blocks, with one (block x tile) score buffer;
 // dx is summed over per-split partials and dK, dV over per-group partials, so no two tasks write
 // one element and the extra memory is O(splits B d + groups M (d + dv)), never O(B M).
-// Registered as hen_fast::retrieve_step_backward (CPU).
+// The CPU kernel of the op hen_fast::retrieve_step_backward (csrc/common/ops.h).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
 
+#include "../common/ops.h"
+#include "hen_fast/codes.h"
 #include "manhattan.h"
 
 namespace hen_fast {
 namespace {
 
 // The codes of retrieve_cpu.cpp and hen_fast/backends/cpu.py.
-enum Similarity : int64_t { kDot = 0, kL2 = 1, kManhattan = 2 };
-enum Separation : int64_t { kSoftmax = 0, kPolynomial = 1, kEntmax = 2 };
+// The codes of hen_fast/codes.py (generated header), under this file's short names.
+constexpr int64_t kL2 = codes::kSimilarityL2, kManhattan = codes::kSimilarityManhattan;
+constexpr int64_t kSoftmax = codes::kSeparationSoftmax, kPolynomial = codes::kSeparationPolynomial,
+                  kEntmax = codes::kSeparationEntmax;
 
 constexpr int64_t kTile = 1024;
 constexpr int64_t kQueryBlock = 64;
@@ -235,9 +238,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_pass(const Problem& p) {
   return {grad_x.sum(0), grad_keys.sum(0), grad_values.sum(0)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> retrieve_step_backward_cpu(
+}  // namespace
+
+// Registered by csrc/common/register.cpp as hen_fast::retrieve_step_backward (CPU).
+RetrieveStepBackwardResult retrieve_step_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& keys,
-    const c10::optional<at::Tensor>& sq_norms, const at::Tensor& values, const at::Tensor& out,
+    const std::optional<at::Tensor>& sq_norms, const at::Tensor& values, const at::Tensor& out,
     const at::Tensor& threshold, double beta, int64_t similarity, int64_t separation,
     double alpha, double degree) {
   TORCH_CHECK(x.dim() == 2 && keys.dim() == 2 && values.dim() == 2 && grad_out.dim() == 2,
@@ -259,19 +265,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> retrieve_step_backward_cpu(
   p.shift = separation == kEntmax ? entmax_shift(p) : (p.grad_out * out.to(at::kFloat)).sum(1);
   auto [grad_x, grad_keys, grad_values] = backward_pass(p);
   return {grad_x, grad_keys, grad_values};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(hen_fast, m) {
-  m.def(
-      "retrieve_step_backward(Tensor grad_out, Tensor x, Tensor keys, Tensor? sq_norms, "
-      "Tensor values, Tensor out, Tensor threshold, float beta, int similarity, int separation, "
-      "float alpha, float degree) -> (Tensor grad_x, Tensor grad_keys, Tensor grad_values)");
-}
-
-TORCH_LIBRARY_IMPL(hen_fast, CPU, m) {
-  m.impl("retrieve_step_backward", &retrieve_step_backward_cpu);
 }
 
 }  // namespace hen_fast

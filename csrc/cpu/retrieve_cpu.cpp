@@ -18,7 +18,7 @@
 // differences from the row maximum, beta (s - s_max) <= 0, which are finite or -inf, never NaN.
 // Thresholds are relative to the row maximum (the support of entmax lies in (alpha - 1) beta
 // (s - s_max) > -1), so beta up to 1e30 and scores far beyond float's range give the limit.
-// Registered as the torch.library op hen_fast::retrieve_step (CPU); the steps loop is Python's.
+// The CPU kernel of the op hen_fast::retrieve_step (csrc/common/ops.h); the steps loop is Python's.
 // Its last output, the threshold t that turns a score into a weight, is what
 // retrieve_backward_cpu.cpp recomputes the weights from, relative to the row maximum s_max of the
 // similarities: softmax p = exp(beta (s - s_max) - t) (t = log of the normaliser), polynomial
@@ -26,7 +26,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,13 +33,17 @@
 #include <tuple>
 #include <vector>
 
+#include "../common/ops.h"
+#include "hen_fast/codes.h"
 #include "manhattan.h"
 
 namespace hen_fast {
 namespace {
 
-enum Similarity : int64_t { kDot = 0, kL2 = 1, kManhattan = 2 };
-enum Separation : int64_t { kSoftmax = 0, kPolynomial = 1, kEntmax = 2 };
+// The codes of hen_fast/codes.py (generated header), under this file's short names.
+constexpr int64_t kDot = codes::kSimilarityDot, kL2 = codes::kSimilarityL2,
+                  kManhattan = codes::kSimilarityManhattan;
+constexpr int64_t kSoftmax = codes::kSeparationSoftmax, kEntmax = codes::kSeparationEntmax;
 
 constexpr int64_t kTile = 2048;         // 64 x 2048 floats = 512 KB (best of 512..2048 measured)
 constexpr int64_t kQueryBlock = 64;     // queries per task
@@ -158,7 +161,7 @@ void track_argmax(const at::Tensor& scores, int64_t m0, at::Tensor best, at::Ten
   best.copy_(at::where(better, tile_best, best));
 }
 
-using StepOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using StepOutputs = RetrieveStepResult;  // csrc/common/ops.h
 
 // Softmax and polynomial: one pass.
 StepOutputs smooth_step(const Problem& p, bool want_info) {
@@ -510,8 +513,11 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   return {out, support, argmax, lse, tau.to(at::kFloat)};
 }
 
-StepOutputs retrieve_step_cpu(
-    const at::Tensor& x, const at::Tensor& keys, const c10::optional<at::Tensor>& sq_norms,
+}  // namespace
+
+// Registered by csrc/common/register.cpp as hen_fast::retrieve_step (CPU).
+RetrieveStepResult retrieve_step_cpu(
+    const at::Tensor& x, const at::Tensor& keys, const std::optional<at::Tensor>& sq_norms,
     const at::Tensor& values, double beta, int64_t similarity, int64_t separation, double alpha,
     double degree, int64_t capacity, bool want_info) {
   TORCH_CHECK(x.dim() == 2 && keys.dim() == 2 && values.dim() == 2, "retrieve_step: 2-D inputs");
@@ -528,16 +534,5 @@ StepOutputs retrieve_step_cpu(
   if (separation == kEntmax) return sparse_step(p, std::max<int64_t>(1, capacity));
   return smooth_step(p, want_info);
 }
-
-}  // namespace
-
-TORCH_LIBRARY(hen_fast, m) {
-  m.def(
-      "retrieve_step(Tensor x, Tensor keys, Tensor? sq_norms, Tensor values, float beta, "
-      "int similarity, int separation, float alpha, float degree, int capacity, bool want_info) "
-      "-> (Tensor out, Tensor support, Tensor argmax, Tensor lse, Tensor threshold)");
-}
-
-TORCH_LIBRARY_IMPL(hen_fast, CPU, m) { m.impl("retrieve_step", &retrieve_step_cpu); }
 
 }  // namespace hen_fast

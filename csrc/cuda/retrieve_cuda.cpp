@@ -1,7 +1,8 @@
-// Torch binding of the CUDA kernels: hen_fast::retrieve_step for CUDA tensors (the schema is
-// declared in csrc/cpu/retrieve_cpu.cpp; same arguments, same four outputs). Compiled only in
-// the CUDA build. It checks the tensors, allocates the partial buffers on the tensors' device,
-// and launches the passes of retrieve_dense.cu / retrieve_sparse.cu on the current stream.
+// Torch binding of the CUDA kernels: hen_fast::retrieve_step for CUDA tensors, declared through
+// the op's function type in csrc/common/ops.h (same arguments, same five outputs as the CPU
+// kernel) and registered by csrc/common/register.cpp. Compiled only in the CUDA build. It checks
+// the tensors, allocates the partial buffers on the tensors' device, and launches the passes of
+// retrieve_dense.cu / retrieve_sparse.cu on the current stream.
 //
 // Any number of queries works: the grid has one block per 8 queries, each reading the bank once
 // (blocks of one split share it through L2). The kernels are built for few queries (B <= 64);
@@ -10,7 +11,6 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <climits>
@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../common/ops.h"
 #include "retrieve_cuda.h"
 
 namespace hen_fast {
@@ -26,7 +27,8 @@ namespace {
 constexpr double kLog2e = 1.4426950408889634;
 constexpr double kSoftmaxSupportEps = 1e-6;  // hen_fast.reference.SOFTMAX_SUPPORT_EPS
 constexpr int kNewtonIterations = 100;
-constexpr int64_t kSeparationSoftmax = 0, kSeparationPolynomial = 1, kSeparationEntmax = 2;
+constexpr int64_t kSeparationSoftmax = codes::kSeparationSoftmax;
+constexpr int64_t kSeparationEntmax = codes::kSeparationEntmax;
 
 void check_launch(cudaError_t error, const char* what) {
   TORCH_CHECK(error == cudaSuccess, "retrieve_step (CUDA): ", what, " failed: ",
@@ -101,8 +103,10 @@ void dense_update(cuda::PassArgs a, int mode, const at::Tensor& values, const Pa
   check_launch(cuda::launch_combine(a, mode, outputs, stream), "combine");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
-    const at::Tensor& x_in, const at::Tensor& keys_in, const c10::optional<at::Tensor>& sq_norms,
+}  // namespace
+
+RetrieveStepResult retrieve_step_cuda(
+    const at::Tensor& x_in, const at::Tensor& keys_in, const std::optional<at::Tensor>& sq_norms,
     const at::Tensor& values_in, double beta, int64_t similarity, int64_t separation, double alpha,
     double degree, int64_t capacity, bool want_info) {
   TORCH_CHECK(x_in.dim() == 2 && keys_in.dim() == 2 && values_in.dim() == 2,
@@ -127,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
               num_memories);
   TORCH_CHECK(value_dim >= 1 && value_dim < INT_MAX, "retrieve_step (CUDA): values must have "
               "at least one column");
-  TORCH_CHECK(similarity >= cuda::kDot && similarity <= cuda::kManhattan,
+  TORCH_CHECK(similarity >= 0 && similarity < cuda::kSimilarityCount,
               "retrieve_step (CUDA): unknown similarity code ", similarity);
-  TORCH_CHECK(separation >= kSeparationSoftmax && separation <= kSeparationEntmax,
+  TORCH_CHECK(separation >= 0 && separation < codes::kSeparationCount,
               "retrieve_step (CUDA): unknown separation code ", separation);
   TORCH_CHECK(separation != kSeparationEntmax || (alpha > 1.0 && alpha <= 2.0),
               "retrieve_step (CUDA): alpha must be in (1, 2], got ", alpha);
@@ -142,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
   auto support = at::empty({rows}, i64);
   auto argmax = at::empty({rows}, i64);
   auto lse = at::empty({rows}, f32);
-  if (rows == 0) return {out, support, argmax, lse};
+  if (rows == 0) return {out, support, argmax, lse, at::empty({rows}, f32)};
 
   const auto x = x_in.contiguous();
   const auto keys = unit_column_stride(keys_in);
@@ -174,25 +178,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
   a.degree = static_cast<float>(degree);
   a.alpha = alpha;
   cuda::plan_splits(rows, num_memories, x.get_device(), &a.splits, &a.split_size);
-  const cuda::Outputs outputs{out.data_ptr<float>(), support.data_ptr<int64_t>(),
-                              argmax.data_ptr<int64_t>(), lse.data_ptr<float>()};
+  cuda::Outputs outputs{out.data_ptr<float>(), support.data_ptr<int64_t>(),
+                        argmax.data_ptr<int64_t>(), lse.data_ptr<float>()};
 
   if (separation != kSeparationEntmax) {
     const bool softmax = separation == kSeparationSoftmax;
     // Softmax works in base 2: beta log2(e) is folded into the scores, exp2 forms the weights.
     a.scale = static_cast<float>(softmax ? beta * kLog2e : beta);
+    // The threshold of softmax and polynomial is their log-normaliser relative to the row
+    // maximum, as the CPU kernel returns it (csrc/common/ops.h).
+    const auto threshold = at::empty({rows}, f32);
+    const auto row_max = at::empty({rows}, f32);
+    outputs.threshold = threshold.data_ptr<float>();
+    outputs.row_max = row_max.data_ptr<float>();
     const Partials part(a.splits, rows, value_dim, f32);
     dense_update(a, softmax ? cuda::kSoftmax : cuda::kPolynomial, values, part, outputs, stream);
     if (softmax && want_info) {
-      // p > eps  <=>  z > lse + log(eps): a counting pass, in the kernels' base-2 score units.
-      const auto threshold = ((lse + std::log(kSoftmaxSupportEps)) * kLog2e).contiguous();
+      // p > eps  <=>  beta (s - s_max) > t + log(eps): a counting pass, in the kernels' base-2
+      // units, relative to the row maximum.
+      const auto cut = ((threshold + std::log(kSoftmaxSupportEps)) * kLog2e).contiguous();
       const auto counts = at::empty({a.splits, rows}, i64);
-      a.threshold = threshold.data_ptr<float>();
+      a.threshold = cut.data_ptr<float>();
+      a.row_max = row_max.data_ptr<float>();
       a.part_count = counts.data_ptr<int64_t>();
       check_launch(cuda::launch_stats_pass(a, cuda::kCountAbove, stream), "support count");
       support.copy_(counts.sum(0));
     }
-    return {out, support, argmax, lse};
+    return {out, support, argmax, lse, threshold};
   }
 
   // Sparse: scores y = (alpha - 1) beta sim.
@@ -216,7 +228,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
                                       y_max64.data_ptr<double>(), stream),
                "threshold");
   // The one host round trip of a sparse step: did any row's candidates overflow?
-  if (!flag.any().item<bool>()) return {out, support, argmax, lse};
+  // Entmax's threshold is tau, in float32 (as the CPU kernel): the threshold kernel wrote every
+  // row's, the Newton steps below refine the flagged rows' in place.
+  if (!flag.any().item<bool>()) return {out, support, argmax, lse, tau64.to(at::kFloat)};
 
   // Newton passes over the whole bank for the flagged rows, from their window's tau.
   const auto done = at::zeros({rows}, x.options().dtype(at::kInt));
@@ -237,11 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retrieve_step_cuda(
   a.tau = tau.data_ptr<float>();
   const Partials part(a.splits, rows, value_dim, f32);
   dense_update(a, cuda::kEntmaxOutput, values, part, outputs, stream);  // flagged rows only
-  return {out, support, argmax, lse};
+  return {out, support, argmax, lse, tau64.to(at::kFloat)};
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(hen_fast, CUDA, m) { m.impl("retrieve_step", &retrieve_step_cuda); }
 
 }  // namespace hen_fast

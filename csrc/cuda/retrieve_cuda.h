@@ -7,11 +7,17 @@
 
 #include <cstdint>
 
+#include "hen_fast/codes.h"  // generated from hen_fast/codes.py (setup.py)
+
 namespace hen_fast {
 namespace cuda {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-enum Similarity : int { kDot = 0, kL2 = 1, kManhattan = 2 };
+// The similarity codes of hen_fast/codes.py, under the kernels' short names.
+constexpr int kDot = codes::kSimilarityDot;
+constexpr int kL2 = codes::kSimilarityL2;
+constexpr int kManhattan = codes::kSimilarityManhattan;
+constexpr int kSimilarityCount = codes::kSimilarityCount;
 // kEntmaxOutput: the output pass of the sparse fallback, weights [y - tau]_+^q with tau given.
 enum DenseMode : int { kSoftmax = 0, kPolynomial = 1, kEntmaxOutput = 2 };
 enum StatsMode : int { kCountAbove = 0, kNewtonSums = 1 };
@@ -56,7 +62,10 @@ struct PassArgs {
   const int* row_done = nullptr;  // kNewtonSums: rows already converged
   const double* tau64 = nullptr;  // kNewtonSums
   const double* y_max64 = nullptr;
-  const float* threshold = nullptr;  // kCountAbove: per row, in score units
+  // kCountAbove: per row, counts scale (s - row_max) > threshold (base-2 units relative to the
+  // row's largest similarity, so nothing overflows at beta up to 1e30)
+  const float* threshold = nullptr;
+  const float* row_max = nullptr;
   // Partial outputs.
   float* part_max = nullptr;
   float* part_sum = nullptr;
@@ -80,6 +89,12 @@ struct Outputs {
   int64_t* support = nullptr;
   int64_t* argmax = nullptr;
   float* lse = nullptr;
+  // softmax and polynomial only (entmax's tau comes from the threshold kernel and Newton): the
+  // log-normaliser relative to the row maximum s_max of the similarities, as the CPU kernel
+  // returns it (csrc/common/ops.h): softmax log sum exp(beta (s - s_max)), polynomial
+  // log sum relu(s)^n.
+  float* threshold = nullptr;
+  float* row_max = nullptr;  // softmax, when given: the row's largest similarity s_max
 };
 
 // Splits so that (query blocks x splits) fills the device's SMs twice over.

@@ -283,6 +283,16 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const PassArgs a, con
     o.support[row] = count;
     o.argmax[row] = index;
     o.lse[row] = lse;
+    if (o.row_max != nullptr) o.row_max[row] = top;
+    if (o.threshold != nullptr && MODE != kEntmaxOutput) {
+      // total = sum exp2(scale (s - top)) = sum exp(beta (s - s_max)) for softmax, and
+      // sum (relu(s) / top)^n for polynomial.
+      o.threshold[row] = MODE == kSoftmax ? static_cast<float>(log(static_cast<double>(total)))
+                         : total > 0.f
+                             ? static_cast<float>(a.degree * log(static_cast<double>(top)) +
+                                                  log(static_cast<double>(total)))
+                             : -kInf;
+    }
   }
   __syncthreads();
   const float total = total_s;
@@ -331,6 +341,7 @@ __global__ void __launch_bounds__(kThreads) stats_pass_kernel(const PassArgs a) 
   const bool active = active_s[warp];
   const int row = b.q0 + warp;
   const float threshold = (MODE == kCountAbove && active) ? a.threshold[row] : 0.f;
+  const float row_max = (MODE == kCountAbove && active) ? a.row_max[row] : 0.f;
   const double tau = (MODE == kNewtonSums && active) ? a.tau64[row] : 0.0;
   const double span = (MODE == kNewtonSums && active) ? -tau : 1.0;
   const double top = (MODE == kNewtonSums && active) ? a.y_max64[row] : 0.0;
@@ -345,7 +356,7 @@ __global__ void __launch_bounds__(kThreads) stats_pass_kernel(const PassArgs a) 
       for (int r = lane; r < rows; r += 32) {
         const float z = z_s[warp * kTile + r];
         if (MODE == kCountAbove) {
-          count += a.scale * z > threshold;
+          count += a.scale * (z - row_max) > threshold;
         } else {
           const double y = static_cast<double>(a.scale) * (static_cast<double>(z) - top);
           const double ratio = fmax(y - tau, 0.0) / span;

@@ -40,6 +40,8 @@ class Backend:
     priority: int = 0
     # Called on first use, never at import: may import optional packages or load an extension.
     is_available: Callable[[], bool] = lambda: True
+    # Why is_available() said no (e.g. the extension's load error), or None: named in the error.
+    unavailable_reason: Callable[[], str | None] = lambda: None
     # Why the backend cannot compute this request (wrong device, dtype, autograd), or None.
     check: Callable[[Request], str | None] = lambda request: None
     # Device types on which "auto" may pick it; None: wherever check() accepts the request.
@@ -97,8 +99,10 @@ def select_backend(name: str, request: Request) -> Backend:
         raise ValueError(f"backend must be 'auto' or one of {registered_backends()}, got {name!r}")
     backend = _REGISTRY[name]
     if not backend.is_available():
+        reason = backend.unavailable_reason()
+        reason = f": {reason}" if reason else ""
         raise BackendUnavailableError(
-            f"backend {name!r} is not available here. {backend.hint}".rstrip()
+            f"backend {name!r} is not available here{reason}. {backend.hint}".rstrip()
         )
     reason = backend.refusal(request)
     if reason is not None:

@@ -4,26 +4,32 @@ The op is differentiable: its backward is the fused op hen_fast::retrieve_step_b
 (csrc/cpu/retrieve_backward_cpu.cpp), which recomputes the weights tile by tile from the
 per-query threshold the forward returns, registered with ``torch.library.register_autograd``.
 
-The extension is loaded on first use, never at import; when it is missing, ``auto`` falls back to
-the torch backend and a warning says so once.
+This module also loads the extension for the ``cuda`` backend (one ``hen_fast._C`` holds both):
+on first use, never at import. The op schemas are declared once, in csrc/common/ops.h; loading
+the library registers nothing by itself: :func:`load_extension` calls its registration
+functions (csrc/common/register.cpp), which report a failure instead of aborting the process.
+The fake kernels below follow those schemas. When the extension is missing or its registration
+fails, a warning says why once, and ``auto`` falls back to the torch backend.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import warnings
 
 import torch
 
+from .. import codes
 from . import Backend, BackendUnavailableError, Request
 
 HINT = (
     "Build it by installing from source with a C++ compiler: "
     "pip install --no-build-isolation -e . (HEN_FAST_BUILD_EXT must not be 0)."
 )
-SIM_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
-SEP_CODES = {"softmax": 0, "polynomial": 1, "sparsemax": 2, "entmax": 2}
+# The forward ops of the extension: each has a CPU kernel, and a CUDA one in a CUDA build.
+FORWARD_OPS = ("hen_fast::retrieve_step",)
 
 
 # Candidate scores kept per query and bank split for the sparse thresholds: a few thousand, so
@@ -33,60 +39,101 @@ def default_capacity(num_queries: int) -> int:
     return max(256, min(8192, (1 << 21) // max(1, num_queries)))
 
 
+class _Loaded:
+    """What loading the extension found (one per process, see :func:`load_extension`)."""
+
+    error: str | None = None  # why the extension is unusable, or None
+    cuda_error: str | None = None  # why its CUDA kernels are not registered (CUDA builds only)
+
+
+def _register(library: ctypes.CDLL, function: str) -> str | None:
+    """Calls one of the library's registration functions: None, or the C++ error message."""
+    register = getattr(library, function)
+    register.restype = ctypes.c_char_p
+    register.argtypes = []
+    failed = register()
+    return None if failed is None else failed.decode(errors="replace").strip()
+
+
 @functools.cache
 def load_extension() -> bool:
-    """Loads hen_fast._C (a torch.library extension: loading registers the ops); False, with one
-    warning, if it cannot."""
+    """Loads hen_fast._C and registers its ops; False, with one warning saying why, if it cannot.
+
+    The schemas and the CPU kernels register together or not at all. In a CUDA build the CUDA
+    kernels register afterwards; if that alone fails, the CPU kernels stay (the cpu backend
+    works, the cuda backend reports the error) and one warning says so."""
+    _Loaded.error = _Loaded.cuda_error = None
     try:
         spec = importlib.util.find_spec("hen_fast._C")
         if spec is None or spec.origin is None:
             raise ImportError("hen_fast._C was not built")
-        torch.ops.load_library(spec.origin)
-    except (ImportError, OSError, RuntimeError) as error:
+        library = ctypes.CDLL(spec.origin)
+        failed = _register(library, "hen_fast_register_ops")
+        if failed is not None:
+            raise RuntimeError(f"registering its ops failed: {failed}")
+        _register_fake()
+        _register_autograd()
+    except (ImportError, OSError, RuntimeError, AttributeError) as error:
+        _Loaded.error = f"hen_fast's compiled kernels (hen_fast._C) are not available ({error})"
         warnings.warn(
-            f"hen_fast's compiled kernels (hen_fast._C) are not available ({error}); "
-            f"the torch backend computes instead. {HINT}",
+            f"{_Loaded.error}; the torch backend computes instead. {HINT}",
             RuntimeWarning,
             stacklevel=3,
         )
         return False
-    _register_fake()
-    _register_autograd()
+    if hasattr(library, "hen_fast_register_cuda_ops"):
+        failed = _register(library, "hen_fast_register_cuda_ops")
+        if failed is not None:
+            _Loaded.cuda_error = f"registering hen_fast's CUDA kernels failed: {failed}"
+            warnings.warn(
+                f"{_Loaded.cuda_error}; the cuda backend is unavailable (the CPU kernels work).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return True
 
 
+def load_error() -> str | None:
+    """Why the extension is unusable (after :func:`load_extension` said so), else None."""
+    return None if load_extension() else _Loaded.error
+
+
+def cuda_load_error() -> str | None:
+    """Why the extension's CUDA kernels are not registered, when it tried and failed."""
+    return load_error() or _Loaded.cuda_error
+
+
+# Fake (meta) kernels: shapes without computing, for torch.compile and meta tensors. One per op
+# of csrc/common/ops.h, with its schema's argument names (tests/test_extension.py checks both).
+def _fake_retrieve_step(
+    x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, capacity, want_info
+):
+    rows = x.shape[0]
+    return (
+        x.new_empty(rows, values.shape[1]),  # out
+        x.new_empty(rows, dtype=torch.long),  # support
+        x.new_empty(rows, dtype=torch.long),  # argmax
+        x.new_empty(rows),  # lse
+        x.new_empty(rows),  # threshold
+    )
+
+
+def _fake_retrieve_step_backward(
+    grad_out, x, keys, sq_norms, values, out, threshold, beta, similarity, separation, alpha, degree
+):
+    return (x.new_empty(x.shape), x.new_empty(keys.shape), x.new_empty(values.shape))
+
+
+FAKE_KERNELS = {
+    "hen_fast::retrieve_step": _fake_retrieve_step,
+    "hen_fast::retrieve_step_backward": _fake_retrieve_step_backward,
+}
+
+
+@functools.cache  # once per process, even when the extension is loaded again
 def _register_fake():
-    """Shapes without computing, for torch.compile and meta tensors."""
-
-    @torch.library.register_fake("hen_fast::retrieve_step")
-    def _(
-        x, keys, sq_norms, values, beta, similarity, separation, alpha, degree, capacity, want_info
-    ):
-        rows = x.shape[0]
-        return (
-            x.new_empty(rows, values.shape[1]),
-            x.new_empty(rows, dtype=torch.long),
-            x.new_empty(rows, dtype=torch.long),
-            x.new_empty(rows),
-            x.new_empty(rows),
-        )
-
-    @torch.library.register_fake("hen_fast::retrieve_step_backward")
-    def _(
-        grad_out,
-        x,
-        keys,
-        sq_norms,
-        values,
-        out,
-        threshold,
-        beta,
-        similarity,
-        separation,
-        alpha,
-        degree,
-    ):
-        return (x.new_empty(x.shape), x.new_empty(keys.shape), x.new_empty(values.shape))
+    for op, kernel in FAKE_KERNELS.items():
+        torch.library.register_fake(op, kernel)
 
 
 @functools.cache  # once per process, even when the extension is loaded again
@@ -178,7 +225,9 @@ def retrieve(
     from .norms import cached_sq_norms
 
     if not load_extension():
-        raise BackendUnavailableError(f"backend 'cpu' is not available here. {HINT}")
+        raise BackendUnavailableError(
+            f"backend 'cpu' is not available here: {load_error()}. {HINT}"
+        )
     values = memories if values is None else values
     capacity = capacity or default_capacity(queries.shape[0])
     if similarity == "l2" and sq_norms is None:
@@ -194,8 +243,8 @@ def retrieve(
             sq_norms,
             values,
             float(beta),
-            SIM_CODES[similarity],
-            SEP_CODES[separation],
+            codes.similarity_code(similarity),
+            codes.separation_code(separation),
             sparse_alpha,
             float(degree),
             capacity,
@@ -221,6 +270,7 @@ BACKEND = Backend(
     retrieve=retrieve,
     priority=10,
     is_available=load_extension,
+    unavailable_reason=load_error,
     check=check,
     auto_check=auto_check,
     hint=HINT,

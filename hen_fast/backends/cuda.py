@@ -27,15 +27,15 @@ HINT = (
 
 
 def has_cuda_kernel() -> bool:
-    """The extension loaded and registered a CUDA kernel for hen_fast::retrieve_step (a CPU-only
-    build registers none). Asks the dispatcher, not the device."""
-    from .cpu import load_extension
+    """The extension loaded and registered a CUDA kernel for every forward op (a CPU-only build
+    registers none). Asks the dispatcher, not the device."""
+    from .cpu import FORWARD_OPS, load_extension
 
     if not load_extension():
         return False
     try:
-        return bool(
-            torch._C._dispatch_has_kernel_for_dispatch_key("hen_fast::retrieve_step", "CUDA")
+        return all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in FORWARD_OPS
         )
     except (AttributeError, RuntimeError):
         return False
@@ -43,6 +43,17 @@ def has_cuda_kernel() -> bool:
 
 def is_available() -> bool:
     return torch.cuda.is_available() and has_cuda_kernel()
+
+
+def unavailable_reason() -> str | None:
+    from .cpu import cuda_load_error
+
+    error = cuda_load_error()
+    if error is not None:
+        return error
+    if not has_cuda_kernel():
+        return "hen_fast._C was built without CUDA kernels"
+    return None if torch.cuda.is_available() else "no CUDA device is available"
 
 
 def check(request: Request) -> str | None:
@@ -66,7 +77,9 @@ def retrieve(queries, memories, values=None, *, capacity=None, sq_norms=None, **
     from .norms import cached_sq_norms
 
     if not is_available():
-        raise BackendUnavailableError(f"backend 'cuda' is not available here. {HINT}")
+        raise BackendUnavailableError(
+            f"backend 'cuda' is not available here: {unavailable_reason()}. {HINT}"
+        )
     dim = memories.shape[1]
     if dim > MAX_DIM:
         raise ValueError(f"memories: the cuda backend takes d <= {MAX_DIM}, got d = {dim}")
@@ -88,6 +101,7 @@ BACKEND = Backend(
     retrieve=retrieve,
     priority=15,
     is_available=is_available,
+    unavailable_reason=unavailable_reason,
     check=check,
     auto_device_types=(),  # by name only until measured on a GPU (issue 7)
     hint=HINT,
