@@ -197,25 +197,29 @@ __device__ __forceinline__ void score_tile(const PassArgs& a, const float* __res
 }
 
 // Runs body(T, SIM) for the runtime dtype and similarity codes; returns its cudaError_t.
-#define HEN_FAST_DISPATCH(dtype, similarity, ...)                                    \
-  [&]() -> cudaError_t {                                                              \
-    switch ((dtype) * 3 + (similarity)) {                                             \
-      case kFloat32 * 3 + kDot: { using T = float; constexpr int SIM = kDot; __VA_ARGS__ } \
-      case kFloat32 * 3 + kL2: { using T = float; constexpr int SIM = kL2; __VA_ARGS__ } \
-      case kFloat32 * 3 + kManhattan: {                                               \
-        using T = float; constexpr int SIM = kManhattan; __VA_ARGS__ }                \
-      case kFloat16 * 3 + kDot: { using T = __half; constexpr int SIM = kDot; __VA_ARGS__ } \
-      case kFloat16 * 3 + kL2: { using T = __half; constexpr int SIM = kL2; __VA_ARGS__ } \
-      case kFloat16 * 3 + kManhattan: {                                               \
-        using T = __half; constexpr int SIM = kManhattan; __VA_ARGS__ }               \
-      case kBFloat16 * 3 + kDot: {                                                    \
-        using T = __nv_bfloat16; constexpr int SIM = kDot; __VA_ARGS__ }              \
-      case kBFloat16 * 3 + kL2: {                                                     \
-        using T = __nv_bfloat16; constexpr int SIM = kL2; __VA_ARGS__ }               \
-      case kBFloat16 * 3 + kManhattan: {                                              \
-        using T = __nv_bfloat16; constexpr int SIM = kManhattan; __VA_ARGS__ }        \
-      default: return cudaErrorInvalidValue;                                          \
-    }                                                                                 \
+#define HEN_FAST_DISPATCH(dtype, similarity, ...)                               \
+  [&]() -> cudaError_t {                                                        \
+    switch ((dtype) * kSimilarityCount + (similarity)) {                        \
+      case kFloat32 * kSimilarityCount + kDot: {                                \
+        using T = float; constexpr int SIM = kDot; __VA_ARGS__ }                \
+      case kFloat32 * kSimilarityCount + kL2: {                                 \
+        using T = float; constexpr int SIM = kL2; __VA_ARGS__ }                 \
+      case kFloat32 * kSimilarityCount + kManhattan: {                          \
+        using T = float; constexpr int SIM = kManhattan; __VA_ARGS__ }          \
+      case kFloat16 * kSimilarityCount + kDot: {                                \
+        using T = __half; constexpr int SIM = kDot; __VA_ARGS__ }               \
+      case kFloat16 * kSimilarityCount + kL2: {                                 \
+        using T = __half; constexpr int SIM = kL2; __VA_ARGS__ }                \
+      case kFloat16 * kSimilarityCount + kManhattan: {                          \
+        using T = __half; constexpr int SIM = kManhattan; __VA_ARGS__ }         \
+      case kBFloat16 * kSimilarityCount + kDot: {                               \
+        using T = __nv_bfloat16; constexpr int SIM = kDot; __VA_ARGS__ }        \
+      case kBFloat16 * kSimilarityCount + kL2: {                                \
+        using T = __nv_bfloat16; constexpr int SIM = kL2; __VA_ARGS__ }         \
+      case kBFloat16 * kSimilarityCount + kManhattan: {                         \
+        using T = __nv_bfloat16; constexpr int SIM = kManhattan; __VA_ARGS__ }  \
+      default: return cudaErrorInvalidValue;                                    \
+    }                                                                           \
   }()
 
 // Dynamic shared memory above the 48 KB default needs an opt-in per kernel.
