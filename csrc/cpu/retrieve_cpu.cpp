@@ -370,19 +370,26 @@ void finish_wide_rows(const Problem& p, const Tasks& tasks, const std::vector<in
   std::vector<int64_t> used(tasks.splits * count, 0);
   visit([&](int64_t split, int64_t k, const float* zs, int64_t t0, int64_t t1) {
     const int64_t at_k = split * count + k;
+    auto weights = at::zeros({t1 - t0}, at::kFloat);
+    float* w = weights.data_ptr<float>();
+    bool any = false;
     for (int64_t j = 0; j < t1 - t0; ++j) {
       const double y = relative_y(zs[j], s_max[wide[k]], scale);
       const double weight = power(y - tau[k], q);
       if (weight <= 0) continue;
-      auto value = p.values[t0 + j].to(at::kDouble).contiguous();
-      const double* v = value.data_ptr<double>();
-      double* a = acc.data() + at_k * dv;
-      for (int64_t c = 0; c < dv; ++c) a[c] += weight * v[c];
+      w[j] = static_cast<float>(weight);
+      any = true;
       total[at_k] += weight;
       dot_py[at_k] += weight * y;
       sum_pa[at_k] += std::pow(weight, alpha);
       ++used[at_k];
     }
+    if (!any) return;
+    // The tile's value rows in one matrix-vector product (a wide support spans most of them).
+    auto row = at::mv(p.values.slice(0, t0, t1).to(at::kFloat).t(), weights);
+    const float* r = row.data_ptr<float>();
+    double* a = acc.data() + at_k * dv;
+    for (int64_t c = 0; c < dv; ++c) a[c] += r[c];
   });
   auto out_rows = at::zeros({count, dv}, at::kDouble);
   double* o = out_rows.data_ptr<double>();
