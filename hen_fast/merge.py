@@ -29,8 +29,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from .backends.norms import remember_sq_norms
 from . import reference
+from .backends.norms import remember_sq_norms
 from .reference import (
     SOFTMAX_SUPPORT_EPS,
     _Argmax,

@@ -7,7 +7,6 @@ float64): at most twice its error plus a small floor, and far under 1e-4. Every 
 launchers allocate with torch.empty is poisoned with NaN, and NaN anywhere fails the comparison.
 """
 
-
 import pytest
 import torch
 

@@ -305,3 +305,40 @@ def test_opcheck():
     for similarity, separation, alpha in [(0, 0, 2.0), (1, 2, 2.0), (2, 2, 1.5), (0, 1, 2.0)]:
         args = (x, keys, norms if similarity == 1 else None, values, 0.5, similarity, separation)
         torch.library.opcheck(op, (*args, alpha, 3.0, 64, True))
+
+
+@pytest.mark.gpu
+@requires_kernel
+@pytest.mark.parametrize("beta_scale", [1.0, 1e30], ids=["beta", "beta1e30"])
+@pytest.mark.parametrize("capacity", [2, 4096], ids=["overflow", "window"])
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_every_output_equals_the_cpu_op(gen, combo, capacity, beta_scale):
+    """One op contract: the CUDA kernel's five outputs mean what the CPU kernel's mean,
+    the threshold (relative to the row maximum) included, also at beta = 1e30 and on the sparse
+    Newton fallback."""
+    from hen_fast import codes
+    from hen_fast.backends import cpu
+
+    queries, memories, values = random_problem(gen, dtype=torch.float32)
+    kwargs = combo_kwargs(combo)
+    similarity, separation = kwargs["similarity"], kwargs["separation"]
+    alpha = kwargs["alpha"] if separation == "entmax" else 2.0
+
+    def op(device):
+        return torch.ops.hen_fast.retrieve_step(
+            queries.contiguous().to(device), memories.to(device), None, values.to(device),
+            kwargs["beta"] * beta_scale, codes.similarity_code(similarity),
+            codes.separation_code(separation), alpha, 3.0, capacity, True,
+        )  # fmt: skip
+
+    assert cpu.load_extension()
+    want, got = op("cpu"), [t.cpu() for t in op("cuda")]
+    scale = float(values.abs().max())
+    assert rel_err(got[0], want[0], scale=scale) < 1e-5  # out
+    assert int((got[1] - want[1]).abs().max()) <= 2  # support: rounding at a threshold
+    assert torch.equal(got[2], want[2])  # argmax (first index on ties)
+    for name, index in (("lse", 3), ("threshold", 4)):
+        finite = torch.isfinite(want[index])
+        assert torch.equal(torch.isfinite(got[index]), finite), name
+        assert torch.equal(got[index][~finite], want[index][~finite]), name
+        assert rel_err(got[index][finite], want[index][finite], floor=1.0) < 1e-5, name

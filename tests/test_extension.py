@@ -24,7 +24,9 @@ CSRC = Path(__file__).parents[1] / "csrc"
 
 if not cpu.load_extension():
     if os.environ.get("HEN_FAST_REQUIRE_EXT") == "1":
-        raise RuntimeError(f"HEN_FAST_REQUIRE_EXT=1 but hen_fast._C did not load: {cpu.load_error()}")
+        raise RuntimeError(
+            f"HEN_FAST_REQUIRE_EXT=1 but hen_fast._C did not load: {cpu.load_error()}"
+        )
     pytest.skip("the C++ extension is not built", allow_module_level=True)
 
 
@@ -102,7 +104,8 @@ print(json.dumps({
 
 def test_failed_registration_falls_back_without_aborting(tmp_path):
     package_root = str(Path(hen_fast.__file__).parents[1])  # this build of hen_fast, not cwd's
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]))
+    path = os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
     done = subprocess.run(
         [sys.executable, "-c", CONFLICT],
         cwd=tmp_path,
@@ -133,7 +136,8 @@ def torch_compile_command() -> list[str] | None:
     return command
 
 
-ARGUMENTS = """const at::Tensor& x, const at::Tensor& keys, const std::optional<at::Tensor>& sq_norms,
+ARGUMENTS = """const at::Tensor& x, const at::Tensor& keys,
+    const std::optional<at::Tensor>& sq_norms,
     const at::Tensor& values, double beta, int64_t similarity, int64_t separation, double alpha,
     double degree, int64_t capacity, bool want_info"""
 
@@ -147,7 +151,7 @@ def test_a_kernel_that_drifts_from_its_op_does_not_compile(outputs, tmp_path):
     source = tmp_path / "binding.cpp"
     tensors = ", ".join(["at::Tensor"] * outputs)
     source.write_text(
-        "#define HEN_FAST_WITH_CUDA\n#include \"ops.h\"\nnamespace hen_fast {\n"
+        '#define HEN_FAST_WITH_CUDA\n#include "ops.h"\nnamespace hen_fast {\n'
         f"std::tuple<{tensors}> retrieve_step_cuda({ARGUMENTS}) {{ return {{}}; }}\n}}\n"
     )
     done = subprocess.run(

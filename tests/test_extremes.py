@@ -132,8 +132,8 @@ def test_fuzz_against_the_float64_oracle(problem):
     keys = torch.tensor(problem["keys"], dtype=torch.float32) * scale
     steps = problem["steps"]
     values = keys if steps > 1 else torch.tensor(problem["values"], dtype=torch.float32)
-    kwargs = dict(beta=problem["beta"], similarity=problem["similarity"],
-                  separation=problem["separation"], alpha=problem["alpha"], steps=steps)  # fmt: skip
+    kwargs = {name: problem[name] for name in ("beta", "similarity", "separation", "alpha")}
+    kwargs["steps"] = steps
     out, info = _call(problem["path"], queries, keys, values, return_info=True, **kwargs)
     assert torch.isfinite(out).all()
     if problem["separation"] in ("sparsemax", "entmax"):

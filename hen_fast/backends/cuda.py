@@ -34,9 +34,7 @@ def has_cuda_kernel() -> bool:
     if not load_extension():
         return False
     try:
-        return all(
-            torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in FORWARD_OPS
-        )
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in FORWARD_OPS)
     except (AttributeError, RuntimeError):
         return False
 
