@@ -17,18 +17,18 @@ import pytest
 import torch
 
 import hen_fast
-from hen_fast import reference
+from hen_fast.backends import torch_backend
 from hen_fast.profiling import peak_extra_bytes
 
 from side_by_side import print_ratios, time_case
 
 B, M, D = 64, 100_000, 256
 BETA = D**-0.5
-STREAM_CHUNK = reference.CHUNK_SCORES // B  # what the torch backend streams in by default
+STREAM_CHUNK = torch_backend.CHUNK_SCORES // B  # what the torch backend streams in by default
 
 SETUP = f"""
 import torch, entmax, hen_fast
-from hen_fast import reference
+from hen_fast.backends import torch_backend
 generator = torch.Generator().manual_seed(0)
 queries = torch.randn({B}, {D}, generator=generator)
 memories = torch.randn({M}, {D}, generator=generator)
@@ -37,9 +37,8 @@ memories = torch.randn({M}, {D}, generator=generator)
 
 def _ours(chunk_size: int, **options) -> str:
     keywords = "".join(f", {key}={value!r}" for key, value in options.items())
-    return (
-        f"reference.retrieve(queries, memories, beta={BETA}{keywords}, chunk_size={chunk_size})[0]"
-    )
+    call = f"queries, memories, beta={BETA}{keywords}, chunk_size={chunk_size}"
+    return f"torch_backend.retrieve({call})[0]"
 
 
 def _materialised(separation: str) -> str:
@@ -54,7 +53,8 @@ def _cpu(similarity="dot", **options) -> str:
     )
 
 
-# name -> (group, expression timed; it sees queries, memories, torch, entmax, reference, hen_fast)
+# name -> (group, expression timed; it sees queries, memories, torch, entmax, torch_backend,
+# hen_fast)
 CASES = {
     "softmax/plain torch": ("softmax", _materialised("torch.softmax")),
     "softmax/cpu kernel": ("softmax", _cpu()),
@@ -89,7 +89,7 @@ def peaks():
 
 @pytest.fixture(scope="module")
 def inputs():
-    namespace = {"torch": torch, "reference": reference, "hen_fast": hen_fast}
+    namespace = {"torch": torch, "torch_backend": torch_backend, "hen_fast": hen_fast}
     namespace["entmax"] = pytest.importorskip("entmax")
     exec(SETUP.replace("import torch, entmax, hen_fast", ""), namespace)
     return namespace

@@ -1,6 +1,6 @@
 """U-Hop's separation loss, forward + backward, at M=5000, D=784 float32 on the CPU: the fused
 torch path of hen_fast.uhop.separation_loss beside the torch.pdist reference
-(hen_fast.reference.naive_separation_loss, in float32 here), for the average and the max loss.
+(hen_fast.oracle.naive_separation_loss, in float32 here), for the average and the max loss.
 
     pip install --no-build-isolation -e ".[bench]"
     python -m pytest benchmarks/bench_separation_loss.py \
@@ -25,7 +25,7 @@ M, D = 5000, 784
 
 SETUP = f"""
 import torch
-from hen_fast.reference import naive_separation_loss
+from hen_fast.oracle import naive_separation_loss
 from hen_fast.uhop import separation_loss
 generator = torch.Generator().manual_seed(0)
 # unit-norm rows: the features Stage I computes the loss on

@@ -6,7 +6,7 @@ A bf16 bank of 9e6 x 256 rows (2.3e9 elements, 4.6 GB) is retrieved from by quer
 noisy copies of rows near its end (their offsets lie past 2^31 elements), with the triton and
 cuda backends, for dot/softmax, l2/sparsemax, manhattan/entmax and dot/polynomial, once at a
 moderate beta and once at beta = 1e30 (the argmax limit). The oracle is independent of the
-kernels: float64 scores chunk by chunk (hen_fast.reference.naive_scores), float64 weights by
+kernels: float64 scores chunk by chunk (hen_fast.oracle.naive_scores), float64 weights by
 bisection (naive_separation) over the whole row, the output as one float64 product. The error is
 measured against the largest value entry (bf16 bank: 1e-2). Prints one line per case, writes
 JSON, exits 1 on any failure.
@@ -21,28 +21,36 @@ import time
 
 import torch
 
-CASES = [("dot", "softmax", 1.5), ("l2", "sparsemax", 2.0), ("manhattan", "entmax", 1.5),
-         ("dot", "polynomial", 1.5)]
+CASES = [
+    ("dot", "softmax", 1.5),
+    ("l2", "sparsemax", 2.0),
+    ("manhattan", "entmax", 1.5),
+    ("dot", "polynomial", 1.5),
+]
 # Beta where weights spread over a few to many rows of a unit-Gaussian 256-dim bank.
 BETA = {"dot": 0.1, "l2": 0.05, "manhattan": 0.05}
 CHUNK = 1 << 20
 
 
 def oracle(queries, keys, beta, similarity, separation, alpha):
-    from hen_fast import reference
+    from hen_fast import oracle
 
-    scores = torch.cat([
-        reference.naive_scores(queries, keys[start:start + CHUNK], similarity)
-        if similarity == "dot" else _pairwise(queries, keys[start:start + CHUNK], similarity)
-        for start in range(0, keys.shape[0], CHUNK)
-    ], dim=1)
+    scores = torch.cat(
+        [
+            oracle.naive_scores(queries, keys[start : start + CHUNK], similarity)
+            if similarity == "dot"
+            else _pairwise(queries, keys[start : start + CHUNK], similarity)
+            for start in range(0, keys.shape[0], CHUNK)
+        ],
+        dim=1,
+    )
     # Scores relative to the row maximum (as the kernels form them); polynomial weights are not
     # shift-invariant and take the scores themselves.
     relative = scores if separation == "polynomial" else scores - scores.max(1, keepdim=True).values
-    weights = reference.naive_separation(beta * relative, separation, alpha)
+    weights = oracle.naive_separation(beta * relative, separation, alpha)
     out = torch.zeros(queries.shape[0], keys.shape[1], dtype=torch.float64, device=keys.device)
     for start in range(0, keys.shape[0], CHUNK):
-        out += weights[:, start:start + CHUNK] @ keys[start:start + CHUNK].double()
+        out += weights[:, start : start + CHUNK] @ keys[start : start + CHUNK].double()
     return out, weights
 
 
@@ -69,8 +77,9 @@ def main(argv=None) -> int:
     keys = torch.randn(args.M, args.d, device=device, generator=gen).to(torch.bfloat16)
     assert args.smoke or keys.numel() > 2**31, "the bank must lie past 2^31 elements"
     rows = torch.tensor([args.M - 1, args.M - 2, args.M // 2, 3], device=device)
-    queries = (keys[rows].float() + 0.3 * torch.randn(len(rows), args.d, device=device,
-                                                      generator=gen)).to(torch.bfloat16)
+    queries = (
+        keys[rows].float() + 0.3 * torch.randn(len(rows), args.d, device=device, generator=gen)
+    ).to(torch.bfloat16)
     if args.smoke:
         backends = ["torch", "cpu"]
     else:
@@ -85,8 +94,15 @@ def main(argv=None) -> int:
                 sync()
                 start = time.perf_counter()
                 try:
-                    out = hen_fast.retrieve(queries, keys, beta=beta, similarity=similarity,
-                                            separation=separation, alpha=alpha, backend=backend)
+                    out = hen_fast.retrieve(
+                        queries,
+                        keys,
+                        beta=beta,
+                        similarity=similarity,
+                        separation=separation,
+                        alpha=alpha,
+                        backend=backend,
+                    )
                     sync()
                     err = float((out.double() - expected).abs().max() / keys.abs().max().double())
                     if out.isnan().any():
@@ -97,17 +113,38 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 ok = err <= 1e-2
                 failed += not ok
-                record = dict(backend=backend, similarity=similarity, separation=separation,
-                              alpha=alpha, beta=beta, M=args.M, d=args.d, dtype="bfloat16",
-                              rel_err=err, ok=ok, support=support, seconds=seconds, note=note)
+                record = dict(
+                    backend=backend,
+                    similarity=similarity,
+                    separation=separation,
+                    alpha=alpha,
+                    beta=beta,
+                    M=args.M,
+                    d=args.d,
+                    dtype="bfloat16",
+                    rel_err=err,
+                    ok=ok,
+                    support=support,
+                    seconds=seconds,
+                    note=note,
+                )
                 records.append(record)
-                print(f"{'ok  ' if ok else 'FAIL'} {backend:6s} {similarity:9s} {separation:10s} "
-                      f"beta={beta:<8g} err={err:.2e} support={support} {seconds:.2f}s {note}",
-                      flush=True)
+                print(
+                    f"{'ok  ' if ok else 'FAIL'} {backend:6s} {similarity:9s} {separation:10s} "
+                    f"beta={beta:<8g} err={err:.2e} support={support} {seconds:.2f}s {note}",
+                    flush=True,
+                )
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump(dict(device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu", torch=torch.__version__,
-                           records=records), handle, indent=1)
+            json.dump(
+                dict(
+                    device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                    torch=torch.__version__,
+                    records=records,
+                ),
+                handle,
+                indent=1,
+            )
     print(f"{len(records) - failed}/{len(records)} passed")
     return 1 if failed else 0
 

@@ -3,7 +3,7 @@
 The public API. Importing it needs no GPU and no compiled extension.
 """
 
-from . import reference
+from . import oracle
 from .api import retrieve
 from .backends import (
     Backend,
@@ -15,9 +15,9 @@ from .backends import (
     unregister_backend,
 )
 from .bank import BankIntegrityError, MemoryBank
+from .codes import SEPARATIONS, SIMILARITIES
 from .hen import HeteroAssociativeNetwork, HopfieldEncodingNetwork
 from .info import RetrieveInfo
-from .reference import SEPARATIONS, SIMILARITIES
 
 __version__ = "0.1.0"
 
@@ -33,7 +33,7 @@ __all__ = [
     "SEPARATIONS",
     "SIMILARITIES",
     "available_backends",
-    "reference",
+    "oracle",
     "register_backend",
     "registered_backends",
     "retrieve",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .backends.norms import remember_sq_norms, sq_norms
+from .options import FLOAT_DTYPES, all_finite
 
 FORMAT_NAME = "hen_fast.MemoryBank"
 FORMAT_VERSION = 1
@@ -38,7 +39,6 @@ _DTYPES = {
     torch.int64: ("I64", np.int64),
 }
 _DTYPE_BY_NAME = {name: dtype for dtype, (name, _) in _DTYPES.items()}
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Bytes written per write() call, so a large bank never needs a second copy in memory.
 _WRITE_BLOCK = 1 << 24
 
@@ -141,7 +141,7 @@ class MemoryBank:
         cached = self._finite_cache
         if cached is not None and cached[0][0] is stamp[0] and cached[0][1] == stamp[1]:
             return cached[1]
-        finite = all(_all_finite(t) for t in tensors)
+        finite = all(all_finite(t) for t in tensors)
         self._finite_cache = (stamp, finite)
         return finite
 
@@ -369,7 +369,7 @@ def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
 def _check_loaded(refuse, tensors: dict[str, Tensor], auto: bool) -> None:
     keys, norms, ids = tensors["keys"], tensors["norms"], tensors["ids"]
     rows = keys.shape[0] if keys.dim() == 2 else -1
-    if keys.dtype not in _FLOAT_DTYPES or keys.dim() != 2:
+    if keys.dtype not in FLOAT_DTYPES or keys.dim() != 2:
         refuse("keys must be a 2-D floating-point tensor")
     if norms.dtype != torch.float32 or tuple(norms.shape) != (rows,):
         refuse("norms must be float32, one per key")
@@ -377,7 +377,7 @@ def _check_loaded(refuse, tensors: dict[str, Tensor], auto: bool) -> None:
         refuse("ids must be int64, one per key")
     if not auto:
         values = tensors["values"]
-        if values.dtype not in _FLOAT_DTYPES or values.dim() != 2 or values.shape[0] != rows:
+        if values.dtype not in FLOAT_DTYPES or values.dim() != 2 or values.shape[0] != rows:
             refuse("values must be 2-D floating point, one row per key")
 
 
@@ -422,7 +422,7 @@ def _check_rows(name: str, tensor, *, rows: int | None = None, like: Tensor | No
     device, dtype and number of columns (what ``append`` concatenates onto)."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in _FLOAT_DTYPES:
+    if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
     if tensor.dim() != 2:
         raise ValueError(f"{name} must have shape (M, d), got {tuple(tensor.shape)}")
@@ -460,10 +460,3 @@ def _as_numpy(tensor: Tensor) -> np.ndarray:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.view(torch.int16)
     return tensor.numpy()
-
-
-def _all_finite(tensor: Tensor) -> bool:
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))

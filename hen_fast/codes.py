@@ -7,6 +7,10 @@ Triton kernels import them from here, so a code can never mean one thing in Pyth
 a kernel. It imports nothing, so a build script can load it by path.
 """
 
+# The vocabulary of hen_fast.retrieve.
+SIMILARITIES = ("dot", "l2", "manhattan")
+SEPARATIONS = ("softmax", "sparsemax", "entmax", "polynomial")
+
 SIMILARITY_CODES = {"dot": 0, "l2": 1, "manhattan": 2}
 # sparsemax is entmax with alpha = 2: the kernels know one sparse family.
 SEPARATION_CODES = {"softmax": 0, "polynomial": 1, "entmax": 2}

@@ -17,13 +17,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .api import check_arguments
-from .backends import Request, select_backend
+from . import driver
 from .backends.norms import cached_sq_norms
-from .bank import MemoryBank, _all_finite
-from .merge import merged_step
-from .reference import accumulation_dtype, iterate
-from .streaming import ChunkSource, chunk_rows_for, default_candidates
+from .bank import MemoryBank
+from .options import all_finite, check_arguments
+from .sources import ChunkSource, chunk_rows_for
 
 
 class ProcessGroupGather:
@@ -115,7 +113,7 @@ class ShardedMemory:
     def _shard_finite(self) -> bool:
         if self.bank is not None:
             return self.bank.all_finite()
-        return all(_all_finite(t) for t in (self.keys, self.values) if t is not None)
+        return all(all_finite(t) for t in (self.keys, self.values) if t is not None)
 
     def retrieve(
         self,
@@ -141,9 +139,10 @@ class ShardedMemory:
             queries, self.keys, self.values, beta=beta, similarity=similarity,
             separation=separation, alpha=alpha, degree=degree, steps=steps, tol=tol,
             clamp_mask=clamp_mask, return_info=return_info, check_finite=False,
+            memory_cap=memory_cap,
         )  # fmt: skip
         if check_finite:
-            flags = self._gather_ints([int(self._shard_finite()), int(_all_finite(queries))])
+            flags = self._gather_ints([int(self._shard_finite()), int(all_finite(queries))])
             if not all(int(flag[1]) for flag in flags):
                 raise ValueError("queries contains NaN or Inf (on some rank); clean the input "
                                  "or pass check_finite=False to skip this check")  # fmt: skip
@@ -158,27 +157,9 @@ class ShardedMemory:
         chunk_rows = keys.shape[0]
         if memory_cap is not None:
             chunk_rows = chunk_rows_for(memory_cap, keys, values, norms is not None, buffers=1)
-        tensors = [t for t in (queries, keys, values) if t is not None]
-        request = Request(queries.device, tuple(t.dtype for t in tensors), needs_grad=False,
-                          num_queries=args.queries2d.shape[0], num_memories=chunk_rows,
-                          similarity=similarity, separation=separation)  # fmt: skip
-        impl = select_backend(backend, request)
         source = ChunkSource(keys, values, norms, chunk_rows=chunk_rows, device=queries.device,
                              offset=self.offset, num_memories=self.num_memories,
                              desc=f"shard {self.rank}")  # fmt: skip
-        candidates = self.candidates or default_candidates(args.queries2d.shape[0])
-
-        def one_step(rows):
-            return merged_step(rows, source, self.gatherer, impl=impl, beta=args.beta,
-                               similarity=similarity, separation=separation, alpha=args.alpha,
-                               degree=args.degree, candidates=candidates,
-                               want_info=return_info)  # fmt: skip
-
-        with torch.no_grad():
-            out, info = iterate(one_step, args.queries2d, accumulation_dtype(queries, keys, values),
-                                steps=int(steps), tol=args.tol, clamp_mask=args.clamp_mask,
-                                return_info=return_info)  # fmt: skip
-        if args.single:
-            out = out.squeeze(0)
-            info = None if info is None else info.squeeze()
-        return (out, info) if return_info else out
+        return driver.run(
+            args, source, backend=backend, group=self.gatherer, candidates=self.candidates
+        )

@@ -10,8 +10,9 @@ import numbers
 import torch
 from torch import Tensor
 
-from .api import _check_real, retrieve
-from .reference import SEPARATIONS, SIMILARITIES
+from .api import retrieve
+from .codes import SEPARATIONS, SIMILARITIES
+from .options import check_real
 
 # What a network uses when neither the caller nor the encoder's ``recommended`` says.
 FALLBACK = {"beta": 1.0, "similarity": "dot", "separation": "softmax", "steps": 1}
@@ -40,7 +41,7 @@ def _settings(explicit: dict, recommended: dict) -> dict:
     for key, fallback in FALLBACK.items():
         value = explicit.get(key)
         settings[key] = value if value is not None else recommended.get(key, fallback)
-    settings["beta"] = _check_real("beta", settings["beta"], positive=True)
+    settings["beta"] = check_real("beta", settings["beta"], positive=True)
     if settings["similarity"] not in SIMILARITIES:
         raise ValueError(
             f"similarity must be one of {SIMILARITIES}, got {settings['similarity']!r}"

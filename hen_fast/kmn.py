@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .api import _check_real
+from .options import check_real
 
 
 class KernelMemoryNetwork:
@@ -55,8 +55,8 @@ class KernelMemoryNetwork:
             )
         if not bool(torch.isfinite(memories).all()):
             raise ValueError("memories contains NaN or Inf")
-        self.beta = _check_real("beta", beta, positive=True)
-        self.power = _check_real("power", power, positive=True)
+        self.beta = check_real("beta", beta, positive=True)
+        self.power = check_real("power", power, positive=True)
         if self.power > 2:
             raise ValueError(f"power must lie in (0, 2] (a positive definite kernel), got {power}")
         self.memories = memories.double()
@@ -65,7 +65,7 @@ class KernelMemoryNetwork:
             off_diagonal = distances[~torch.eye(len(distances), dtype=torch.bool)]
             scale = float(off_diagonal.median()) if off_diagonal.numel() else 1.0
             scale = scale if scale > 0 else 1.0
-        self.scale = _check_real("scale", scale, positive=True)
+        self.scale = check_real("scale", scale, positive=True)
         gram = self.kernel(self.memories, self.memories)
         # K^+ Xi, so that an update is one kernel row times this (M, d) matrix.
         self.coefficients = torch.linalg.pinv(gram, rtol=rcond, hermitian=True) @ self.memories

@@ -2,8 +2,9 @@
 
 The parts are chunks of a bank read one at a time (out-of-core: a memory-mapped bank, or a bank
 on the host while the queries are on a GPU) and shards held by other processes
-(:mod:`hen_fast.distributed`). A :class:`BankSource` yields this process's chunks; a group's
-``gather`` exchanges per-process states (nothing to exchange in one process). Every process folds
+(:mod:`hen_fast.distributed`). A :class:`~hen_fast.sources.BankSource` yields this process's
+chunks; a group's ``gather`` exchanges per-process states (nothing to exchange in one process).
+The states and their merges are :mod:`hen_fast.partial`'s. Every process folds
 the gathered states in rank order, so all of them compute bit-identical results, and with
 ``steps > 1`` they take identical decisions (``tol``, thresholds) without further talk.
 
@@ -14,7 +15,7 @@ the gathered states in rank order, so all of them compute bit-identical results,
   count needs the global ``L``: a counting pass when ``return_info`` asks for it.
 * sparsemax and entmax: one pass keeps each query's ``candidates`` highest scores over all parts
   with their memory indices; the global threshold is solved exactly on them (the same maths as
-  :mod:`hen_fast.reference`), and the output gathers only the support's value rows. Rows whose
+  :mod:`hen_fast.numerics`), and the output gathers only the support's value rows. Rows whose
   support outgrows the buffer get Newton passes whose sums add across chunks and processes, then an
   output pass.
 """
@@ -22,59 +23,25 @@ the gathered states in rank order, so all of them compute bit-identical results,
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from . import reference
+from .backends import torch_backend
 from .backends.norms import remember_sq_norms
-from .reference import (
+from .numerics import (
     SOFTMAX_SUPPORT_EPS,
-    _Argmax,
-    _newton_threshold,
-    _power,
+    finite_scores,
+    newton_threshold,
+    power,
+    relative_scores,
     separation_alpha,
     similarity_scores,
+    solve_threshold,
+    sparse_energy,
 )
-
-Chunk = tuple[int, Tensor, Tensor | None, Tensor | None]  # (global start, keys, norms, values)
-
-
-class BankSource(Protocol):
-    """This process's part of the bank, as chunks on the compute device."""
-
-    offset: int  # global index of this process's first memory
-    local_count: int  # memories held here
-    num_memories: int  # memories over every process
-    value_dim: int
-
-    def chunks(self) -> Iterator[Chunk]: ...
-
-    def values_at(self, local_index: Tensor) -> Tensor: ...
-
-
-class LocalGroup:
-    """The collective of a single process: every part is here, nothing to exchange."""
-
-    size = 1
-
-    def gather(self, tensor: Tensor) -> list[Tensor]:
-        return [tensor]
-
-
-LOCAL = LocalGroup()
-
-
-def sum_in_order(group, tensor: Tensor) -> Tensor:
-    """The sum over processes, added in rank order (the same bits on every process)."""
-    parts = group.gather(tensor)
-    total = parts[0]
-    for part in parts[1:]:
-        total = total + part
-    return total
+from .partial import ArgmaxState, CandidateState, DenseState, fold
+from .sources import LOCAL, BankSource, sum_in_order
 
 
 def merged_step(
@@ -92,7 +59,7 @@ def merged_step(
     want_info: bool,
 ):
     """``(out, support, argmax, lse)`` of one update of ``rows`` over the whole bank, as
-    :func:`hen_fast.reference.iterate` expects from ``one_step``."""
+    :func:`hen_fast.loop.iterate` expects from ``one_step``."""
     if separation in ("softmax", "polynomial"):
         return _dense_step(rows, source, group, impl, beta, similarity, separation, degree,
                            want_info)  # fmt: skip
@@ -108,66 +75,26 @@ def merged_step(
 PRECISE_LSE = 256.0
 
 
-@dataclass
-class _Partial:
-    """A part's state: ``lse = scale * best + rel`` with ``best`` its highest similarity (float64;
-    also the argmax across parts) and ``rel`` the log-partition relative to it. Kept apart so
-    that merging never subtracts two huge, nearly equal numbers: softmax has ``scale = beta``;
-    polynomial, not shift-invariant, keeps its whole lse in ``rel`` (``scale = 0``)."""
-
-    rel: Tensor
-    out: Tensor
-    best: Tensor
-    argmax: Tensor  # global memory index of the best
-    support: Tensor
-
-    def merge(self, other: _Partial, scale: float) -> _Partial:
-        top = torch.maximum(self.best, other.best)
-        mine, theirs = self.rel_to(top, scale), other.rel_to(top, scale)
-        rel = torch.logaddexp(mine, theirs)
-        better = other.best > self.best  # strict: the earlier part keeps a tie
-        return _Partial(
-            rel,
-            self.out * _weight(mine, rel)[:, None] + other.out * _weight(theirs, rel)[:, None],
-            top,
-            torch.where(better, other.argmax, self.argmax),
-            self.support + other.support,
-        )
-
-    def rel_to(self, top: Tensor, scale: float) -> Tensor:
-        """The log-partition relative to ``scale * top`` (``top >= best``)."""
-        if scale == 0.0:
-            return self.rel
-        gap = torch.where(self.best == top, 0.0, (self.best - top) * scale)  # -inf - -inf: 0
-        return self.rel + gap
-
-
-def _weight(part_rel: Tensor, rel: Tensor) -> Tensor:
-    # A part with no mass (polynomial: every score <= 0) weighs 0, also when no part has any.
-    return torch.where(torch.isneginf(part_rel), 0.0, torch.exp(part_rel - rel))
-
-
 def _dense_step(rows, source, group, impl, beta, similarity, separation, degree, want_info):
     scale = beta if separation == "softmax" else 0.0
-    state = None
-    for start, keys, norms, values in source.chunks():
-        part = _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity,
-                              separation, degree)  # fmt: skip
-        state = part if state is None else state.merge(part, scale)
-    if state is None:  # an empty shard
-        state = _empty_partial(rows, source.value_dim)
+
+    def merge(a: DenseState, b: DenseState) -> DenseState:
+        return a.merge(b, scale)
+
+    parts = (
+        _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity, separation, degree)
+        for start, keys, norms, values in source.chunks()
+    )
+    # An empty shard contributes the empty state, the merge's identity.
+    state = fold([DenseState.empty(rows.shape[0], source.value_dim, rows), *parts], merge)
     if group.size > 1:
-        fields = [group.gather(t) for t in (state.rel, state.out, state.best, state.argmax,
+        fields = [group.gather(t) for t in (state.rel, state.out, state.best, state.index,
                                             state.support)]  # fmt: skip
-        parts = [_Partial(*per_rank) for per_rank in zip(*fields)]
-        state = parts[0]
-        for part in parts[1:]:
-            state = state.merge(part, scale)
+        state = fold([DenseState(*per_rank) for per_rank in zip(*fields)], merge)
     support = state.support
-    lse = state.rel if scale == 0.0 else state.rel + beta * state.best
     if separation == "softmax" and want_info:
         support = _softmax_support(rows, source, group, beta, similarity, state.rel, state.best)
-    return state.out, support, state.argmax, lse.to(rows.dtype)
+    return state.out, support, state.index, state.lse(scale).to(rows.dtype)
 
 
 def _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity, separation, degree):
@@ -183,31 +110,23 @@ def _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity, sep
     if bool((lse.abs() <= PRECISE_LSE).all()):
         best = _similarity_at(rows.double(), keys[info.argmax].double(), similarity)
         rel = lse if separation == "polynomial" else lse - beta * best
-        return _Partial(rel, out.to(rows.dtype), best, info.argmax + start, info.support)
-    stream = reference._BankStream(
+        return DenseState(rel, out.to(rows.dtype), best, info.argmax + start, info.support)
+    stream = torch_backend._BankStream(
         rows, keys, keys if values is None else values, beta=beta, similarity=similarity,
         chunk_size=keys.shape[0], sq_norms=None if norms is None else norms.to(rows.dtype),
     )  # fmt: skip
     if separation == "polynomial":
-        out, support, argmax, rel, _ = reference._polynomial_step(stream, float(degree))
+        out, support, argmax, rel, _ = torch_backend._polynomial_step(stream, float(degree))
         best = _similarity_at(rows.double(), keys[argmax].double(), similarity)
-        return _Partial(rel.double(), out.to(rows.dtype), best, argmax + start, support)
-    out, _, argmax, rel, s_max = reference._softmax_step(stream, False)
+        return DenseState(rel.double(), out.to(rows.dtype), best, argmax + start, support)
+    out, _, argmax, rel, s_max = torch_backend._softmax_step(stream, False)
     # rel is relative to the chunk's computed maximum: that is the best kept (l2 shifted back by
     # the row's ||x||^2), so that beta never multiplies a difference of two roundings.
     best = s_max.double()
     if similarity == "l2":
         best = best - (rows.double() ** 2).sum(dim=1)
     support = torch.zeros_like(argmax)  # counted over the whole bank afterwards
-    return _Partial(rel.double(), out.to(rows.dtype), best, argmax + start, support)
-
-
-def _empty_partial(rows: Tensor, value_dim: int) -> _Partial:
-    count = rows.shape[0]
-    minus_inf = torch.full((count,), -math.inf, dtype=torch.float64, device=rows.device)
-    zeros = torch.zeros(count, dtype=torch.long, device=rows.device)
-    return _Partial(minus_inf, rows.new_zeros(count, value_dim), minus_inf.clone(), zeros,
-                    zeros.clone())  # fmt: skip
+    return DenseState(rel.double(), out.to(rows.dtype), best, argmax + start, support)
 
 
 def _similarity_at(rows: Tensor, keys: Tensor, similarity: str) -> Tensor:
@@ -221,10 +140,10 @@ def _similarity_at(rows: Tensor, keys: Tensor, similarity: str) -> Tensor:
 
 def _scores(rows, keys, norms, similarity) -> Tensor:
     """Similarities of a chunk in the rows' dtype, clamped finite (l2 shifted by ``||x||^2``, as
-    in the reference); beta multiplies differences from the row maximum only."""
+    in the torch backend); beta multiplies differences from the row maximum only."""
     norms = None if norms is None else norms.to(rows.dtype)
     scores = similarity_scores(rows, keys.to(rows.dtype), similarity, norms)
-    return reference.finite_scores(scores)
+    return finite_scores(scores)
 
 
 def _l2_shift(rows: Tensor, similarity: str) -> Tensor | float:
@@ -245,42 +164,28 @@ def _softmax_support(rows, source, group, beta, similarity, rel, best) -> Tensor
 
 
 # --------------------------------------------------------------------------- sparsemax, entmax
-def _top(scores: Tensor, index: Tensor, count: int) -> tuple[Tensor, Tensor]:
-    kept, where = scores.topk(min(count, scores.shape[1]), dim=1, sorted=True)
-    return kept, index.gather(1, where)
-
-
 def _sparse_candidates(rows, source, group, similarity, candidates):
     """The ``candidates`` highest similarities of every row over the whole bank, their global
     indices, and the argmax."""
-    count, device = rows.shape[0], rows.device
-    argmax = _Argmax(count, rows)
-    kept = rows.new_empty(count, 0)
-    kept_index = torch.empty(count, 0, dtype=torch.long, device=device)
+    count = rows.shape[0]
+    argmax = ArgmaxState.empty(count, rows)
+    kept = CandidateState.empty(count, rows)
     for start, keys, norms, _ in source.chunks():
         s = _scores(rows, keys, norms, similarity)
-        argmax.update(start, s)
-        index = torch.arange(start, start + s.shape[1], device=device).expand(count, -1)
-        kept, kept_index = _top(torch.cat([kept, s], 1), torch.cat([kept_index, index], 1),
-                                candidates)  # fmt: skip
+        argmax = argmax.merge(ArgmaxState.of_scores(start, s))
+        kept = kept.merge(CandidateState.of_scores(start, s), candidates)
     if group.size > 1:
-        # Every process sends exactly `candidates` columns (padding sorts below any score).
-        pad = candidates - kept.shape[1]
-        kept = torch.nn.functional.pad(kept, (0, pad), value=-math.inf)
-        kept_index = torch.nn.functional.pad(kept_index, (0, pad), value=-1)
-        kept, kept_index = _top(
-            torch.cat(group.gather(kept), 1),
-            torch.cat(group.gather(kept_index), 1),
-            min(candidates, source.num_memories),
-        )
-        bests, indices = group.gather(argmax.best), group.gather(argmax.index)
-        best, index = bests[0], indices[0]
-        for other_best, other_index in zip(bests[1:], indices[1:]):
-            better = other_best > best
-            best, index = torch.where(better, other_best, best), torch.where(better, other_index,
-                                                                              index)  # fmt: skip
-        return kept, kept_index, index
-    return kept, kept_index, argmax.index
+        # Every process sends exactly `candidates` columns; the padding sorts below any score,
+        # and keeping at most num_memories leaves it out.
+        kept = kept.padded(candidates)
+        capacity = min(candidates, source.num_memories)
+        kept = fold([CandidateState(*per_rank) for per_rank in
+                     zip(group.gather(kept.scores), group.gather(kept.index))],
+                    lambda a, b: a.merge(b, capacity))  # fmt: skip
+        argmax = fold([ArgmaxState(*per_rank) for per_rank in
+                       zip(group.gather(argmax.best), group.gather(argmax.index))],
+                      ArgmaxState.merge)  # fmt: skip
+    return kept.scores, kept.index, argmax.index
 
 
 def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
@@ -290,36 +195,33 @@ def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
     # Everything relative to the row maximum: x = (alpha - 1) beta (s - s_max) in float64, <= 0,
     # finite for any beta and similarity in range, the support in x > -1.
     s_max = kept[:, 0].double()
-    x = reference.relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
-    tau = reference.solve_threshold(x, alpha)
-    # As in the reference: the buffer's threshold is the row's when it lies at or above the
+    x = relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
+    tau = solve_threshold(x, alpha)
+    # As in the torch backend: the buffer's threshold is the row's when it lies at or above the
     # smallest kept score (or nothing was left out); other rows need passes over the bank.
     if kept.shape[1] < source.num_memories:
         unsettled = (tau < x[:, -1]).nonzero().squeeze(1)
     else:
         unsettled = tau.new_empty(0, dtype=torch.long)
 
-    p = _power(torch.relu(x - tau[:, None]), q)
+    p = power(torch.relu(x - tau[:, None]), q)
     weighted = _gather_weighted(p, kept_index, source, group)
     total = p.sum(dim=1)
     support = (p > 0).sum(dim=1)
     dot_px = torch.where(p > 0, p * x, 0.0).sum(dim=1)
-    sum_p_alpha = _power(p, alpha).sum(dim=1)
+    sum_p_alpha = power(p, alpha).sum(dim=1)
     if unsettled.numel():
         # Every process found the same rows: the decision came from gathered data.
         relative = _RelativeScores(rows, unsettled, s_max[unsettled], source, similarity,
                                    (alpha - 1.0) * beta)  # fmt: skip
-        tau_sub = _newton_threshold(
+        tau_sub = newton_threshold(
             _streamed_sums(relative, group, alpha), x[unsettled, 0], tau[unsettled], alpha
         )
         sums = _streamed_output(relative, tau_sub, source, group, alpha)
         for target, value in zip((weighted, total, support, dot_px, sum_p_alpha), sums):
             target[unsettled] = value.to(target.dtype)
     out = (weighted / total[:, None]).to(dtype)
-    # Energy <p, z> + Tsallis entropy, <p, z> = beta s_max + <p, x> / (alpha - 1).
-    lse = dot_px / (total * (alpha - 1.0)) + (1.0 - sum_p_alpha / total**alpha) / (
-        alpha * (alpha - 1.0)
-    )
+    lse = sparse_energy(dot_px, total, sum_p_alpha, alpha)
     lse = lse + beta * (s_max - _l2_shift(rows, similarity))
     return out, support, argmax, lse.to(dtype)
 
@@ -351,7 +253,7 @@ class _RelativeScores:
     def chunks(self):
         for _, keys, norms, values in self.source.chunks():
             s = _scores(self.rows, keys, norms, self.similarity)[self.which].double()
-            yield reference.relative_scores(s, self.s_max, self.scale), keys, values
+            yield relative_scores(s, self.s_max, self.scale), keys, values
 
 
 def _streamed_sums(relative: _RelativeScores, group, alpha):
@@ -363,8 +265,8 @@ def _streamed_sums(relative: _RelativeScores, group, alpha):
         sum_q1 = torch.zeros_like(tau)
         for x, _, _ in relative.chunks():
             ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
-            sum_q += _power(ratio, q).sum(dim=1)
-            sum_q1 += (ratio > 0).sum(dim=1) if q == 1.0 else _power(ratio, q - 1.0).sum(dim=1)
+            sum_q += power(ratio, q).sum(dim=1)
+            sum_q1 += (ratio > 0).sum(dim=1) if q == 1.0 else power(ratio, q - 1.0).sum(dim=1)
         return sum_in_order(group, sum_q), sum_in_order(group, sum_q1)
 
     return partial_sums
@@ -378,10 +280,10 @@ def _streamed_output(relative: _RelativeScores, tau, source, group, alpha):
     total, dot_px, sum_p_alpha = (torch.zeros_like(tau) for _ in range(3))
     support = torch.zeros(count, dtype=torch.long, device=tau.device)
     for x, keys, values in relative.chunks():
-        p = _power(torch.relu(x - tau[:, None]), q)
+        p = power(torch.relu(x - tau[:, None]), q)
         weighted += p @ (keys if values is None else values).double()
         total += p.sum(dim=1)
         support += (p > 0).sum(dim=1)
         dot_px += torch.where(p > 0, p * x, 0.0).sum(dim=1)
-        sum_p_alpha += _power(p, alpha).sum(dim=1)
+        sum_p_alpha += power(p, alpha).sum(dim=1)
     return tuple(sum_in_order(group, t) for t in (weighted, total, support, dot_px, sum_p_alpha))

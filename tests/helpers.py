@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from hen_fast import SEPARATIONS, SIMILARITIES, reference
+from hen_fast import SEPARATIONS, SIMILARITIES, oracle
+from hen_fast.backends import torch_backend
 
 ENTMAX_ALPHAS = (1.25, 1.5, 1.8)
 # (similarity, separation, alpha) for every combination retrieve defines.
@@ -118,10 +119,10 @@ def check_against_reference(out, info, queries, memories, values, **kwargs):
     Info: equal to the float64 computation's, except where a float32 computation may decide
     otherwise: a score within rounding of a threshold (support off by at most 2) or of a tie
     (argmax, steps: then equal to the float32 reference's)."""
-    expected, expected_info = reference.naive_retrieve(
+    expected, expected_info = oracle.naive_retrieve(
         queries, memories, values, return_info=True, **kwargs
     )
-    ours, ours_info = reference.retrieve(queries, memories, values, return_info=True, **kwargs)
+    ours, ours_info = torch_backend.retrieve(queries, memories, values, return_info=True, **kwargs)
     scale = value_scale(memories if values is None else values)
     ours_error = rel_err(ours, expected, scale=scale)
     error = rel_err(out, expected, scale=scale)

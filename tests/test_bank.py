@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hen_fast
-from hen_fast import BankIntegrityError, MemoryBank, reference
+from hen_fast import BankIntegrityError, MemoryBank, oracle
 from hen_fast.backends.norms import cached_sq_norms
 
 from helpers import (
@@ -222,21 +222,22 @@ def test_streaming_sparse_rows_beyond_the_candidate_buffer(separation, gen):
     """Small beta spreads the support over most of the bank: with 4 candidates every row needs
     the Newton passes over the chunks. (At beta 0.05 a seed in twenty drew a row whose support
     was only 4: the premise must hold for every draw, so beta is 0.01.)"""
-    from hen_fast.streaming import stream_retrieve
+    from hen_fast import driver
+    from hen_fast.options import check_arguments
+    from hen_fast.sources import ChunkSource
 
     queries, keys = torch.randn(6, 8, generator=gen), torch.randn(90, 8, generator=gen)
     kwargs = dict(beta=0.01, similarity="dot", separation=separation, alpha=1.3, degree=10,
                   steps=2, tol=None, clamp_mask=None)  # fmt: skip
-    request = hen_fast.Request(torch.device("cpu"), (torch.float32,), needs_grad=False)
-    torch_backend = hen_fast.backends.select_backend("torch", request)
-    out, info = stream_retrieve(queries, keys, None, None, impl=torch_backend, chunk_rows=17,
-                                return_info=True, candidates=4, **kwargs)  # fmt: skip
+    args = check_arguments(queries, keys, None, return_info=True, check_finite=True, **kwargs)
+    source = ChunkSource(keys, None, None, chunk_rows=17, device="cpu")
+    out, info = driver.run(args, source, backend="torch", candidates=4)
     assert int(info.support.min()) > 4
     check_against_reference(out, info, queries, keys, None, **kwargs)
 
 
 def test_memory_mapped_bank_streams_by_default(tmp_path, gen, monkeypatch):
-    from hen_fast import streaming
+    from hen_fast import sources
 
     keys = torch.randn(64, 6, generator=gen)
     values = torch.randn(64, 3, generator=gen)
@@ -244,18 +245,18 @@ def test_memory_mapped_bank_streams_by_default(tmp_path, gen, monkeypatch):
     mapped = MemoryBank.load(path, mmap=True)
     queries = torch.randn(3, 6, generator=gen)
     chunks = []
-    real_chunks = streaming.ChunkSource.chunks
+    real_chunks = sources.ChunkSource.chunks
 
     def counting_chunks(self):
         for chunk in real_chunks(self):
             chunks.append(chunk[1].shape[0])
             yield chunk
 
-    monkeypatch.setattr(streaming, "DEFAULT_MAPPED_CAP", 10 * 6 * 4 + 10 * 3 * 4)
-    monkeypatch.setattr(streaming.ChunkSource, "chunks", counting_chunks)
+    monkeypatch.setattr(sources, "DEFAULT_MAPPED_CAP", 10 * 6 * 4 + 10 * 3 * 4)
+    monkeypatch.setattr(sources.ChunkSource, "chunks", counting_chunks)
     for similarity in ("dot", "l2"):
         got = hen_fast.retrieve(queries, mapped, similarity=similarity, separation="entmax")
-        want = reference.naive_retrieve(queries, keys, values, similarity=similarity,
+        want = oracle.naive_retrieve(queries, keys, values, similarity=similarity,
                                         separation="entmax")  # fmt: skip
         assert rel_err(got, want) < 1e-5
     assert chunks and max(chunks) <= 10 and sum(chunks) % 64 == 0
@@ -270,7 +271,7 @@ def test_memory_cap_arguments_are_checked(gen):
     with pytest.raises(ValueError, match="memory_cap must hold at least 1 memory row"):
         hen_fast.retrieve(queries, keys, memory_cap=8)
     keys.requires_grad_(True)
-    with pytest.raises(ValueError, match="memory_cap: out-of-core streaming computes without"):
+    with pytest.raises(ValueError, match="computes without autograd"):
         hen_fast.retrieve(queries, keys, memory_cap=40)
     # A cap the bank fits in changes nothing (and keeps autograd).
     hen_fast.retrieve(queries, keys, memory_cap=1 << 20).sum().backward()
@@ -285,5 +286,5 @@ def test_host_bank_streams_to_the_gpu_double_buffered(gen):
     for separation in ("softmax", "sparsemax"):
         got = hen_fast.retrieve(queries.cuda(), bank, separation=separation, beta=0.5,
                                 memory_cap=_bank_bytes(keys, values) // 8)  # fmt: skip
-        want = reference.naive_retrieve(queries, keys, values, separation=separation, beta=0.5)
+        want = oracle.naive_retrieve(queries, keys, values, separation=separation, beta=0.5)
         assert got.is_cuda and rel_err(got.cpu(), want) < 1e-5

@@ -1,4 +1,4 @@
-"""The fused C++ CPU backend (csrc/cpu) against hen_fast.reference, and its registration."""
+"""The fused C++ CPU backend (csrc/cpu) against the float64 oracle, and its registration."""
 
 import os
 import warnings
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hen_fast
-from hen_fast import reference
+from hen_fast import oracle
 from hen_fast.backends import cpu
 
 from helpers import (
@@ -85,7 +85,7 @@ def test_half_precision_banks(gen, bank_dtype, separation):
     out = hen_fast.retrieve(
         queries, memories, values, beta=0.5, separation=separation, backend="cpu"
     )
-    expected = reference.naive_retrieve(queries, memories, values, beta=0.5, separation=separation)
+    expected = oracle.naive_retrieve(queries, memories, values, beta=0.5, separation=separation)
     assert rel_err(out, expected) < 1e-5
 
 

@@ -1,4 +1,4 @@
-"""The CUDA backend (csrc/cuda) against hen_fast.reference, and its registration.
+"""The CUDA backend (csrc/cuda) against the float64 oracle (hen_fast.oracle), and its registration.
 
 The kernel tests need a CUDA device and an extension built with CUDA (marked ``gpu``; skipped
 elsewhere). Problems are drawn on the CPU, where the float64 oracle runs, and copied to the GPU in
@@ -59,6 +59,8 @@ def poison_allocator():
 
 
 def run_cuda(queries, memories, values, gen, **kwargs):
+    if isinstance(kwargs.get("clamp_mask"), torch.Tensor):
+        kwargs["clamp_mask"] = kwargs["clamp_mask"].to("cuda")
     poison_allocator()
     return hen_fast.retrieve(
         to_device(queries, gen),
@@ -137,7 +139,7 @@ def test_vector_loads_with_a_tail(gen, bank_dtype, layout):
             return_info=True,
             **kwargs,
         )
-        expected = hen_fast.reference.naive_retrieve(queries, memories, values, **kwargs)
+        expected = hen_fast.oracle.naive_retrieve(queries, memories, values, **kwargs)
         assert rel_err(out.cpu(), expected) < 1e-5
 
 
@@ -192,9 +194,9 @@ def test_sparse_overflow_falls_back_exactly(gen, separation, alpha, capacity):
     )
     if capacity is None:
         scores = (
-            (hen_fast.reference.separation_alpha(separation, alpha) - 1)
+            (hen_fast.numerics.separation_alpha(separation, alpha) - 1)
             * kwargs["beta"]
-            * hen_fast.reference.naive_scores(queries, memories, "dot")
+            * hen_fast.oracle.naive_scores(queries, memories, "dot")
         )
         assert memories.shape[0] > 2048
         assert bool((scores.max(1).values - scores.min(1).values < 1).all())
@@ -224,7 +226,7 @@ def test_half_precision_banks(gen, bank_dtype, combo):
     memories, values = memories.to(bank_dtype), values.to(bank_dtype)
     queries = queries.float()
     out, info = run_cuda(queries, memories, values, gen, **combo_kwargs(combo))
-    expected = hen_fast.reference.naive_retrieve(queries, memories, values, **combo_kwargs(combo))
+    expected = hen_fast.oracle.naive_retrieve(queries, memories, values, **combo_kwargs(combo))
     assert rel_err(out.cpu(), expected) < 1e-5
 
 

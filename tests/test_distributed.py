@@ -56,7 +56,7 @@ def _worker(rank, init_file, out_dir, seed):
 
 def _run_cases(rank, world_size, group, seed):
     import hen_fast
-    from hen_fast import reference
+    from hen_fast import oracle
     from hen_fast.distributed import ShardedMemory
 
     from helpers import rel_err
@@ -80,7 +80,7 @@ def _run_cases(rank, world_size, group, seed):
         out, info = shard.retrieve(queries, return_info=True, **kwargs)
         whole = hen_fast.retrieve(queries, keys, values if hetero else None, return_info=True,
                                   **kwargs)  # fmt: skip
-        exact = reference.naive_retrieve(queries, keys, values if hetero else None, **kwargs)
+        exact = oracle.naive_retrieve(queries, keys, values if hetero else None, **kwargs)
         same_on_all = all(torch.equal(out, other) for other in shard.gatherer.gather(out))
         results.append(
             dict(

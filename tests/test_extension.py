@@ -78,7 +78,7 @@ import json, warnings
 import torch
 torch.library.define("hen_fast::retrieve_step", "(Tensor x) -> Tensor")
 import hen_fast
-from hen_fast import reference
+from hen_fast.backends import torch_backend
 generator = torch.Generator().manual_seed(0)
 queries = torch.randn(3, 8, generator=generator)
 memories = torch.randn(50, 8, generator=generator)
@@ -92,7 +92,7 @@ with warnings.catch_warnings(record=True) as caught:
         named = None
     except hen_fast.BackendUnavailableError as error:
         named = str(error)
-expected = reference.retrieve(queries.double(), memories.double(), **kwargs)[0]
+expected = torch_backend.retrieve(queries.double(), memories.double(), **kwargs)[0]
 print(json.dumps({
     "warnings": [[w.category.__name__, str(w.message)] for w in caught],
     "error": (out.double() - expected).abs().max().item(),

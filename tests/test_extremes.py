@@ -1,6 +1,6 @@
 """Extremes on every backend: beta up to 1e30, scores beyond float32's range, ties, duplicated
 memories, one-memory banks, d = 1, non-finite inputs. Expected: the float64 oracle
-(hen_fast.reference.naive_retrieve) on the same inputs, or its limit, never a silent NaN.
+(hen_fast.oracle.naive_retrieve) on the same inputs, or its limit, never a silent NaN.
 
 Inputs of the fuzz test lie on an integer grid times a power of two, so that float32 similarities
 are exact: the backends and the oracle then see the same scores, and any difference is the
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hen_fast
-from hen_fast.reference import naive_retrieve, naive_scores
+from hen_fast.oracle import naive_retrieve, naive_scores
 
 BACKENDS = [name for name in ("torch", "cpu", "triton") if name in hen_fast.available_backends()]
 # (backend, memory_cap): in memory, and streamed in chunks of two memories where it applies.

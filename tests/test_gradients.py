@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hen_fast import reference, retrieve
+from hen_fast import retrieve
+from hen_fast.backends import torch_backend
 
 from helpers import BETA, COMBINATIONS, combo_id, randint
 
@@ -24,7 +25,7 @@ def test_gradcheck(gen, combo, streamed):
     options = dict(chunk_size=2, candidates=1) if streamed else {}
 
     def fn(q, k, v):
-        out, _ = reference.retrieve(
+        out, _ = torch_backend.retrieve(
             q,
             k,
             v,

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import hen_fast
-from hen_fast import BankIntegrityError, MemoryBank, reference
+from hen_fast import BankIntegrityError, MemoryBank, oracle
 
 from helpers import COMBINATIONS, rel_err
 
@@ -83,7 +83,7 @@ def _check_property(problem):
         with pytest.raises(ValueError, match="NaN or Inf"):
             hen_fast.retrieve(queries, keys, values, backend=problem["backend"], **kwargs)
         return
-    true_scores = reference.naive_scores(queries, keys, similarity)
+    true_scores = oracle.naive_scores(queries, keys, similarity)
     if separation in ("sparsemax", "entmax"):
         assume(problem["beta"] * float(true_scores.abs().max()) <= SPARSE_SAFE_SCORE)
     out = hen_fast.retrieve(queries, keys, values, backend=problem["backend"], **kwargs)
@@ -101,12 +101,12 @@ def _check_property(problem):
         low, high = low.clamp(max=0), high.clamp(min=0)
     assert bool((out >= low - slack).all()), "output below every value"
     assert bool((out <= high + slack).all()), "output above every value"
-    expected = reference.naive_retrieve(queries, keys, values, **kwargs)
+    expected = oracle.naive_retrieve(queries, keys, values, **kwargs)
     # Where the scores' rounding cannot move the weights (a well-conditioned draw), the answer
     # must be the float64 one; elsewhere only the properties above can be promised.
     rounding = _score_rounding(queries, keys, similarity, problem["beta"])
     if separation == "polynomial":
-        top = (problem["beta"] * reference.naive_scores(queries, keys, "dot")).max(1).values
+        top = (problem["beta"] * oracle.naive_scores(queries, keys, "dot")).max(1).values
         rounding *= 10 / max(float(top.clamp(min=0).min()), 1e-300)
     if rounding < 1e-7:
         error = float((out - expected).abs().max())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hen_fast
-from hen_fast import datasets, encoders, reference
+from hen_fast import datasets, encoders, oracle
 from hen_fast.hen import HeteroAssociativeNetwork, HopfieldEncodingNetwork
 
 from helpers import randint, rel_err
@@ -104,7 +104,7 @@ def test_known_pixels_score_like_masked_keys(gen, similarity, separation):
     bank = images.flatten(1).double()
     for row in range(queries):
         mask = known[row].flatten().double()
-        want, info = reference.naive_retrieve(
+        want, info = oracle.naive_retrieve(
             (cues[row].flatten().double() * mask)[None],
             bank * mask,
             bank,

@@ -18,7 +18,7 @@ def _cpu_built():
 SETUP = """
 import torch
 import hen_fast
-from hen_fast import reference
+from hen_fast.backends import torch_backend
 generator = torch.Generator().manual_seed(0)
 queries = torch.randn(32, 16, generator=generator)
 memories = torch.randn({num_memories}, 16, generator=generator)
@@ -36,7 +36,7 @@ def _call(combo, chunk_size):
             f"separation={separation!r}, alpha={alpha}, backend='cpu', return_info=True)"
         )
     return (
-        f"reference.retrieve(queries, memories, similarity={similarity!r}, "
+        f"torch_backend.retrieve(queries, memories, similarity={similarity!r}, "
         f"separation={separation!r}, alpha={alpha}, chunk_size={chunk_size}, candidates=64, "
         "return_info=True)"
     )

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import hen_fast
-from hen_fast import reference
+from hen_fast import oracle
+from hen_fast.backends import torch_backend
 
 from helpers import (
     COMBINATIONS,
@@ -40,7 +41,7 @@ def test_float64_matches_independent_computation(gen, combo, steps):
     out, info = hen_fast.retrieve(
         queries, memories, values, steps=steps, return_info=True, backend="torch", **kwargs
     )
-    expected, expected_info = reference.naive_retrieve(
+    expected, expected_info = oracle.naive_retrieve(
         queries, memories, values, steps=steps, return_info=True, **kwargs
     )
     assert out.dtype == torch.float64
@@ -54,7 +55,7 @@ def test_float32_error_far_under_1e4(gen, combo, steps):
     queries, memories, values = random_problem(gen, dtype=torch.float32, same_dims=steps > 1)
     kwargs = combo_kwargs(combo)
     out = hen_fast.retrieve(queries, memories, values, steps=steps, **kwargs)
-    expected = reference.naive_retrieve(queries, memories, values, steps=steps, **kwargs)
+    expected = oracle.naive_retrieve(queries, memories, values, steps=steps, **kwargs)
     assert out.dtype == torch.float32
     # One update stays within a few float32 roundings; iterating the map can amplify them (up to
     # ~5e-5 after 3 sparsemax steps over 300 seeds x every combination), hence the looser bound.
@@ -66,7 +67,7 @@ def test_chunked_equals_dense(gen, combo):
     queries, memories, values = random_problem(gen, max_queries=6)
     num_memories = memories.shape[0]
     kwargs = combo_kwargs(combo)
-    dense, dense_info = reference.retrieve(
+    dense, dense_info = torch_backend.retrieve(
         queries, memories, values, chunk_size=num_memories, return_info=True, **kwargs
     )
     # 1, a size that does not divide M, and random ones; few candidates force the Newton passes.
@@ -74,7 +75,7 @@ def test_chunked_equals_dense(gen, combo):
     sizes.add(next(c for c in range(num_memories - 1, 1, -1) if num_memories % c))
     for chunk_size in sorted(sizes):
         for candidates in (1, randint(gen, 2, 8), 256):
-            out, info = reference.retrieve(
+            out, info = torch_backend.retrieve(
                 queries,
                 memories,
                 values,
@@ -92,7 +93,7 @@ def test_multistep_with_tol_clamp_and_chunks(gen, combo):
     queries, memories, _ = random_problem(gen, same_dims=True)
     mask = torch.rand(queries.shape[1], generator=gen) < 0.3
     kwargs = dict(combo_kwargs(combo), steps=6, tol=1e-3, clamp_mask=mask)
-    out, info = reference.retrieve(
+    out, info = torch_backend.retrieve(
         queries,
         memories,
         chunk_size=randint(gen, 1, 20),
@@ -100,9 +101,7 @@ def test_multistep_with_tol_clamp_and_chunks(gen, combo):
         return_info=True,
         **kwargs,
     )
-    expected, expected_info = reference.naive_retrieve(
-        queries, memories, return_info=True, **kwargs
-    )
+    expected, expected_info = oracle.naive_retrieve(queries, memories, return_info=True, **kwargs)
     assert rel_err(out, expected) < 1e-9
     _assert_info_equal(info, expected_info, 1e-9)
     assert torch.equal(out[:, mask], queries[:, mask])
@@ -115,13 +114,13 @@ def test_tol_stops_converged_queries_and_skips_their_work(gen, monkeypatch):
         [memories[:4], 0.05 * torch.randn(4, 32, generator=gen, dtype=torch.float64)]
     )
     rows_computed = []
-    original = reference._one_step
+    original = torch_backend._one_step
 
     def counting(x, *args, **kwargs):
         rows_computed.append(x.shape[0])
         return original(x, *args, **kwargs)
 
-    monkeypatch.setattr(reference, "_one_step", counting)
+    monkeypatch.setattr(torch_backend, "_one_step", counting)
     out, info = hen_fast.retrieve(
         queries, memories, beta=8.0, similarity="l2", steps=50, tol=1e-9, return_info=True
     )
@@ -165,7 +164,7 @@ def test_half_precision_inputs_accumulate_in_float32(gen, query_dtype, bank_dtyp
         values.to(bank_dtype),
     )
     out = hen_fast.retrieve(queries, memories, values, beta=0.7, separation=separation)
-    expected = reference.naive_retrieve(queries, memories, values, beta=0.7, separation=separation)
+    expected = oracle.naive_retrieve(queries, memories, values, beta=0.7, separation=separation)
     assert out.dtype == query_dtype
     # Only the output's rounding to the query dtype remains: the computation is float32.
     error = rel_err(out, expected, scale=value_scale(values))
@@ -180,14 +179,14 @@ def test_polynomial_all_nonpositive_scores_give_zero(gen):
     )
     assert torch.equal(out[0], torch.zeros(5, dtype=torch.float64))
     assert info.support.tolist() == [0, 12] and info.lse[0] == -math.inf
-    expected = reference.naive_retrieve(queries, memories, separation="polynomial", degree=3)
+    expected = oracle.naive_retrieve(queries, memories, separation="polynomial", degree=3)
     assert rel_err(out, expected) < 1e-12
 
 
 def test_polynomial_huge_scores_do_not_overflow(gen):
     memories = 1e3 * torch.randn(20, 6, generator=gen)
     out = hen_fast.retrieve(memories[:4], memories, beta=1e4, separation="polynomial", degree=10)
-    expected = reference.naive_retrieve(
+    expected = oracle.naive_retrieve(
         memories[:4], memories, beta=1e4, separation="polynomial", degree=10
     )
     assert rel_err(out, expected) < 1e-5
@@ -200,7 +199,7 @@ def test_argmax_ties_take_the_first_memory_across_chunks(gen, separation):
     memories[6] = memories[2]
     query = memories[2:3]
     for chunk_size in (1, 2, 4, 9):
-        _, info = reference.retrieve(
+        _, info = torch_backend.retrieve(
             query, memories, separation=separation, chunk_size=chunk_size, return_info=True
         )
         assert info.argmax.item() == 2

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from hen_fast import reference
+from hen_fast import oracle
 from hen_fast.backends import BackendUnavailableError
 from hen_fast.profiling import peak_extra_bytes
 from hen_fast.uhop import separation_loss
@@ -64,7 +64,7 @@ def test_definition_on_three_points(reduction):
         if reduction == "average"
         else -t
     )
-    for fn in (separation_loss, reference.naive_separation_loss):
+    for fn in (separation_loss, oracle.naive_separation_loss):
         assert abs(float(fn(points, t, reduction)) - expected) < 1e-14
 
 
@@ -78,7 +78,7 @@ def test_torch_path_matches_pdist_in_float64(gen, reduction):
             lambda z, t=t, block=block: separation_loss(z, t, reduction, block=block), features
         )
         want, want_grad = _loss_and_grad(
-            lambda z, t=t: reference.naive_separation_loss(z, t, reduction), features
+            lambda z, t=t: oracle.naive_separation_loss(z, t, reduction), features
         )
         assert rel_err(got, want) < 1e-12
         assert rel_err(got_grad, want_grad) < 1e-10
@@ -91,7 +91,7 @@ def test_float32_far_under_1e_4(gen, reduction):
         lambda z: separation_loss(z, 2.0, reduction, block=64), features.float()
     )
     want, want_grad = _loss_and_grad(
-        lambda z: reference.naive_separation_loss(z, 2.0, reduction), features
+        lambda z: oracle.naive_separation_loss(z, 2.0, reduction), features
     )
     assert got.dtype == torch.float32 and got_grad.dtype == torch.float32
     assert rel_err(got, want, floor=1.0) < 1e-5
@@ -110,7 +110,7 @@ def test_well_separated_features_do_not_underflow(gen):
     # Every exp(-t d^2) underflows in float64 (d^2 ~ 2e4, t = 2): only the running max saves it.
     features = 100.0 * torch.randn(40, 3, generator=gen, dtype=torch.float64)
     got, got_grad = _loss_and_grad(lambda z: separation_loss(z, 2.0, block=16), features)
-    want, want_grad = _loss_and_grad(lambda z: reference.naive_separation_loss(z, 2.0), features)
+    want, want_grad = _loss_and_grad(lambda z: oracle.naive_separation_loss(z, 2.0), features)
     assert torch.isfinite(got) and bool(torch.isfinite(got_grad).all())
     assert rel_err(got, want) < 1e-12
     assert rel_err(got_grad, want_grad) < 1e-8
@@ -142,14 +142,14 @@ def test_without_grad_only_the_loss_is_computed(gen, monkeypatch):
     with torch.no_grad():
         loss = separation_loss(features.requires_grad_())
     assert not loss.requires_grad and asked == [False]
-    assert rel_err(loss, reference.naive_separation_loss(features.detach())) < 1e-12
+    assert rel_err(loss, oracle.naive_separation_loss(features.detach())) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_compute_in_float32(gen, dtype):
     features = _features(gen).to(dtype)
     loss, grad = _loss_and_grad(separation_loss, features)
-    want = reference.naive_separation_loss(features)
+    want = oracle.naive_separation_loss(features)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert rel_err(loss, want, floor=1.0) < 1e-5
 
@@ -170,7 +170,7 @@ def test_triton_interpreter_matches_the_reference(gen, reduction):
         lambda z: separation_loss(z, 2.0, reduction, backend="triton"), features.float()
     )
     want, want_grad = _loss_and_grad(
-        lambda z: reference.naive_separation_loss(z, 2.0, reduction), features
+        lambda z: oracle.naive_separation_loss(z, 2.0, reduction), features
     )
     assert rel_err(got, want, floor=1.0) < 1e-5
     assert rel_err(got_grad, want_grad, scale=_gradient_scale(features, 2.0, reduction)) < 1e-5

@@ -1,4 +1,4 @@
-"""The Triton backend against hen_fast.reference, on the CPU through TRITON_INTERPRET=1 (small
+"""The Triton backend against the float64 oracle, on the CPU through TRITON_INTERPRET=1 (small
 shapes) and on a GPU (tests marked gpu). Every output buffer the kernels write is poisoned first."""
 
 import math
@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("triton")
 
 import hen_fast  # noqa: E402
-from hen_fast import reference  # noqa: E402
+from hen_fast import RetrieveInfo, oracle  # noqa: E402
+from hen_fast.backends import torch_backend  # noqa: E402
 
 from helpers import (  # noqa: E402
     COMBINATIONS,
@@ -29,10 +30,19 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
+def _on_device(value):
+    return value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+
+
 def _triton(*args, **kwargs):
+    """The Triton backend on DEVICE (inputs moved there), its results back on the CPU."""
     from hen_fast.backends.triton.retrieve import retrieve
 
-    return retrieve(*args, **kwargs)
+    args = [_on_device(a) for a in args]
+    out, info = retrieve(*args, **{key: _on_device(v) for key, v in kwargs.items()})
+    if info is not None:
+        info = RetrieveInfo(*(t.cpu() for t in info.as_tuple()))
+    return out.cpu(), info
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -110,8 +120,9 @@ def test_steps_tol_and_clamp_on_the_device(gen, combo):
 def test_single_query_and_strided_inputs_through_the_api(gen):
     queries, memories, values = random_problem(gen, dtype=torch.float32)
     out = hen_fast.retrieve(
-        queries[0], memories, values, backend="triton", beta=0.5, separation="entmax", alpha=1.7
-    )
+        *(t.to(DEVICE) for t in (queries[0], memories, values)),
+        backend="triton", beta=0.5, separation="entmax", alpha=1.7,
+    ).cpu()  # fmt: skip
     expected = hen_fast.retrieve(
         queries[0], memories, values, backend="torch", beta=0.5, separation="entmax", alpha=1.7
     )
@@ -136,15 +147,13 @@ def test_half_and_mixed_precision_inputs(gen, query_dtype, bank_dtype):
     )
     for separation in ("softmax", "sparsemax"):
         out = _triton(queries, memories, values, beta=0.5, separation=separation)[0]
-        expected = reference.naive_retrieve(
-            queries, memories, values, beta=0.5, separation=separation
-        )
+        expected = oracle.naive_retrieve(queries, memories, values, beta=0.5, separation=separation)
         assert out.dtype == query_dtype
         assert rel_err(out, expected) < 2e-3
 
 
 def test_auto_never_picks_the_interpreter_and_refuses_what_it_cannot_do():
-    queries, memories = torch.randn(3, 5), torch.randn(9, 5)
+    queries, memories = torch.randn(3, 5, device=DEVICE), torch.randn(9, 5, device=DEVICE)
     assert "triton" not in hen_fast.available_backends("cpu")
     with pytest.raises(hen_fast.BackendUnavailableError, match="not float64"):
         hen_fast.retrieve(queries.double(), memories.double(), backend="triton")
@@ -162,7 +171,7 @@ def test_large_banks_on_gpu(dtype, separation):
     queries = queries.to(dtype)
     kwargs = dict(beta=0.2, similarity="dot", separation=separation, alpha=1.5)
     out = hen_fast.retrieve(queries, memories, backend="triton", **kwargs)
-    expected, _ = reference.retrieve(queries, memories, **kwargs)
+    expected, _ = torch_backend.retrieve(queries, memories, **kwargs)
     tolerance = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}[dtype]
     assert rel_err(out, expected) < tolerance
 
@@ -305,7 +314,7 @@ def test_polynomial_rows_with_no_positive_score_are_zero(gen):
     assert (
         rel_err(
             out[1],
-            reference.naive_retrieve(queries, memories, separation="polynomial", degree=3)[1],
+            oracle.naive_retrieve(queries, memories, separation="polynomial", degree=3)[1],
         )
         < 1e-5
     )
@@ -386,12 +395,12 @@ def _float64_expectation(queries, memories, values, *, beta, similarity, separat
     shifted to a row maximum of 0 (the same weights, exactly: softmax and entmax are shift
     invariant, polynomial is beta invariant), so they stay finite at any beta; the limit puts
     all weight on the best-scoring memories, split evenly among exact ties."""
-    scores = reference.naive_scores(queries, memories, similarity)
+    scores = oracle.naive_scores(queries, memories, similarity)
     top = scores.max(dim=1, keepdim=True).values
     if separation == "polynomial":
-        weights = reference.naive_separation(scores, "polynomial")
+        weights = oracle.naive_separation(scores, "polynomial")
     else:
-        weights = reference.naive_separation(beta * (scores - top), separation, alpha)
+        weights = oracle.naive_separation(beta * (scores - top), separation, alpha)
     best = (scores == top).double()
     limit = (best / best.sum(dim=1, keepdim=True)) @ values.double()
     return weights @ values.double(), limit, scores.argmax(dim=1)
@@ -440,7 +449,7 @@ def test_scores_that_overflow_float32_give_the_limit(separation):
         out = _triton(queries, memories, values, beta=1e30, separation=separation,
                       num_splits_override=splits)[0]  # fmt: skip
         if separation == "polynomial":  # relu(z)^10 normalised: beta cancels; row 2 is zero
-            expected = reference.naive_retrieve(queries, memories, values, separation=separation)
+            expected = oracle.naive_retrieve(queries, memories, values, separation=separation)
             assert rel_err(out, expected) < 1e-5
         else:
             assert torch.equal(out, torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0]]))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from hen_fast import cli, datasets, reference, uhop
+from hen_fast import cli, datasets, oracle, uhop
 from hen_fast.uhop import experiments
 from hen_fast.uhop.feature_map import FeatureMap
 
@@ -38,7 +38,7 @@ def test_fit_feature_map_lowers_the_loss_and_normalises_w_rows(gen):
     assert torch.allclose(fm.weight.norm(dim=1), torch.ones(9), atol=1e-6)
     # final_loss: the separation loss of the returned map's unit-norm features
     features = torch.nn.functional.normalize(fm(memories), dim=1)
-    assert abs(fm.final_loss - float(reference.naive_separation_loss(features))) < 1e-5
+    assert abs(fm.final_loss - float(oracle.naive_separation_loss(features))) < 1e-5
     assert not fm.weight.requires_grad and fm(memories).shape == (20, 9)
 
 
@@ -49,7 +49,7 @@ def test_stage_one_step_is_one_sgd_step_on_the_reference_loss(gen):
     weight = torch.randn(12, 12, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     weight = (weight / math.sqrt(12)).requires_grad_()
     features = torch.nn.functional.normalize(memories @ weight.T, dim=1)
-    reference.naive_separation_loss(features).backward()
+    oracle.naive_separation_loss(features).backward()
     stepped = weight.detach() - 0.3 * weight.grad
     assert rel_err(fm.weight, stepped / stepped.norm(dim=1, keepdim=True)) < 1e-12
 
@@ -82,7 +82,7 @@ def test_retrieve_is_hopfield_retrieval_on_the_features(gen):
     fm = uhop.fit_feature_map(memories, steps=3, generator=gen)
     for separation in ("softmax", "sparsemax", "entmax"):
         got = uhop.retrieve(queries, memories, fm, beta=3.0, separation=separation)
-        want = reference.naive_retrieve(
+        want = oracle.naive_retrieve(
             fm(queries), fm(memories), memories, beta=3.0, separation=separation
         )
         assert rel_err(got, want) < 1e-10, separation
@@ -92,7 +92,7 @@ def test_retrieve_is_hopfield_retrieval_on_the_features(gen):
         and rel_err(one, uhop.retrieve(queries, memories, fm, beta=3.0)[0]) < 1e-12
     )
     twice = uhop.retrieve(queries, memories, fm, beta=3.0, steps=2)
-    step = lambda x: reference.naive_retrieve(fm(x), fm(memories), memories, beta=3.0)  # noqa: E731
+    step = lambda x: oracle.naive_retrieve(fm(x), fm(memories), memories, beta=3.0)  # noqa: E731
     assert rel_err(twice, step(step(queries))) < 1e-10
 
 
@@ -123,7 +123,7 @@ def test_uhop_beats_mhm_on_mnist_by_far():
 def test_baselines_are_the_papers_retrievals(gen, name):
     memories, queries = _memories(gen), _memories(gen, rows=4)
     got = uhop.baseline_retrieve(name, queries, memories, beta=2.0)
-    want = reference.naive_retrieve(queries, memories, beta=2.0, **uhop.BASELINES[name])
+    want = oracle.naive_retrieve(queries, memories, beta=2.0, **uhop.BASELINES[name])
     assert rel_err(got, want) < 1e-5
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from hen_fast import reference
-from hen_fast.backends import cpu
+from hen_fast import oracle
+from hen_fast.backends import cpu, torch_backend
 from hen_fast.uhop.layer import UHopHopfieldLayer, batched_retrieve, fit_uhop
 
 from helpers import randint, rel_err
@@ -41,7 +41,7 @@ def test_forward_is_the_kernelized_hopfield_update(gen, separation, alpha, uhop)
         assert torch.allclose(
             phi(memories).norm(dim=1), torch.ones(memories.shape[0], dtype=torch.float64)
         )
-    expected = reference.naive_retrieve(
+    expected = oracle.naive_retrieve(
         phi(queries) @ layer.query_proj.T,
         phi(memories) @ layer.key_proj.T,
         memories @ layer.value_proj.T,
@@ -78,7 +78,7 @@ def _sample_set(gen, layer, dtype, samples=None):
 
 @pytest.mark.parametrize("separation, alpha", SEPARATIONS + [("entmax", 1.5), ("entmax", 1.8)])
 def test_batched_retrieve_equals_the_reference_per_sample(gen, separation, alpha):
-    """float64: one batched pass against one reference.retrieve call per sample, forward and the
+    """float64: one batched pass against one torch_backend.retrieve call per sample, forward and the
     gradients of queries, keys and values (beta large enough that the sparse maps are sparse)."""
     n, b, m, h, dv = 3, randint(gen, 2, 5), randint(gen, 5, 23), randint(gen, 3, 7), 3
     leaves = [
@@ -92,13 +92,13 @@ def test_batched_retrieve_equals_the_reference_per_sample(gen, separation, alpha
     grads = torch.autograd.grad((out * upstream).sum(), leaves)
     for i in range(n):
         sample = [t[i].detach().clone().requires_grad_() for t in leaves]
-        expected, _ = reference.retrieve(*sample, **kw)
+        expected, _ = torch_backend.retrieve(*sample, **kw)
         assert rel_err(out[i], expected) < 1e-12
         expected_grads = torch.autograd.grad((expected * upstream[i]).sum(), sample)
         for got, want in zip(grads, expected_grads):
             assert rel_err(got[i], want, floor=1e-3) < 1e-10
     if separation != "softmax":  # the sparse maps really are sparse here: some weights are 0
-        weights = reference.naive_separation(
+        weights = oracle.naive_separation(
             2.5 * leaves[0].detach() @ leaves[1].detach().transpose(1, 2), separation, alpha
         )
         assert bool((weights == 0).any())
@@ -117,10 +117,10 @@ def test_batched_retrieve_passes_gradcheck(gen, separation, alpha):
 
 
 def test_batched_retrieve_groups_samples_exactly(gen, monkeypatch):
-    """Many samples go in groups of about reference.DENSE_MAX_SCORES scores; same result."""
+    """Many samples go in groups of about torch_backend.DENSE_MAX_SCORES scores; same result."""
     q, k, v = (torch.randn(7, rows, 4, generator=gen, dtype=torch.float64) for rows in (2, 5, 5))
     whole = batched_retrieve(q, k, v, separation="sparsemax")
-    monkeypatch.setattr(reference, "DENSE_MAX_SCORES", 25)  # 2 samples of 2 x 5 scores a group
+    monkeypatch.setattr(torch_backend, "DENSE_MAX_SCORES", 25)  # 2 samples of 2 x 5 scores a group
     assert torch.equal(batched_retrieve(q, k, v, separation="sparsemax"), whole)
 
 

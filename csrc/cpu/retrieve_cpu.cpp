@@ -12,7 +12,7 @@
 //                the running max of y = (alpha - 1) z (the support lies in y > max(y) - 1); the
 //                threshold is solved exactly on them and the output gathered from the support
 //                alone. Queries whose window holds more than `capacity` scores are finished by
-//                Newton passes over the bank and a full output pass (see hen_fast/reference.py).
+//                Newton passes over the bank and a full output pass (see hen_fast/backends/torch_backend.py).
 // Extremes: beta is never folded into the scores. Tiles hold similarities s (clamped to float's
 // finite range, so that an overflowed similarity cannot meet inf - inf), and beta multiplies
 // differences from the row maximum, beta (s - s_max) <= 0, which are finite or -inf, never NaN.

@@ -25,7 +25,7 @@ namespace hen_fast {
 namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
-constexpr double kSoftmaxSupportEps = 1e-6;  // hen_fast.reference.SOFTMAX_SUPPORT_EPS
+constexpr double kSoftmaxSupportEps = 1e-6;  // hen_fast.numerics.SOFTMAX_SUPPORT_EPS
 constexpr int kNewtonIterations = 100;
 constexpr int64_t kSeparationSoftmax = codes::kSeparationSoftmax;
 constexpr int64_t kSeparationEntmax = codes::kSeparationEntmax;

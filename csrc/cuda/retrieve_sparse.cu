@@ -126,7 +126,7 @@ __device__ double block_sum(double v, double* scratch) {
 }
 
 // tau of sum_k [y_k - tau]_+^q = 1 on the sorted window y[0..n) (n >= 1), every thread calls it.
-// Newton from the left on h(tau) = ||[y - tau]_+||_q, as hen_fast/reference.py.
+// Newton from the left on h(tau) = ||[y - tau]_+||_q, as hen_fast/numerics.py.
 __device__ double newton_threshold(const float* y, int n, double alpha, double* scratch) {
   const double q = 1.0 / (alpha - 1.0);
   double tau = static_cast<double>(y[0]) - 1.0;

@@ -1,6 +1,7 @@
 """Backend registry: one ``retrieve`` contract, several implementations.
 
-A backend is a function with the signature of :func:`hen_fast.reference.retrieve` restricted to the
+A backend is a function with the signature of :func:`~hen_fast.backends.torch_backend.retrieve`
+restricted to the
 keyword arguments of :func:`hen_fast.retrieve` (validated 2-D inputs in, ``(out, info)`` out), plus
 an availability probe that is called lazily (never at import) and a hint that tells the user how to
 get it. ``backend="auto"`` takes the available backend of highest priority that accepts the
@@ -113,12 +114,12 @@ def select_backend(name: str, request: Request) -> Backend:
 
 
 def _register_builtin() -> None:
-    from .. import reference
+    from . import torch_backend
 
     register_backend(
         Backend(
             name="torch",
-            retrieve=reference.retrieve,
+            retrieve=torch_backend.retrieve,
             priority=0,
             hint="It is pure PyTorch and always available.",
         )

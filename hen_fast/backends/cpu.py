@@ -219,9 +219,11 @@ def retrieve(
     capacity=None,
     sq_norms=None,
 ):
-    """Same contract as :func:`hen_fast.reference.retrieve`; ``capacity`` is the sparse candidate
+    """Same contract as :func:`hen_fast.backends.torch_backend.retrieve`; ``capacity`` is the
+    sparse candidate
     buffer per query and split."""
-    from ..reference import iterate, separation_alpha
+    from ..loop import iterate
+    from ..numerics import separation_alpha
     from .norms import cached_sq_norms
 
     if not load_extension():

@@ -69,7 +69,8 @@ def _unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def retrieve(queries, memories, values=None, *, capacity=None, sq_norms=None, **kwargs):
-    """Same contract as :func:`hen_fast.reference.retrieve`; ``capacity`` is the sparse candidate
+    """Same contract as :func:`hen_fast.backends.torch_backend.retrieve`; ``capacity`` is the
+    sparse candidate
     buffer per query (all bank splits together), ``sq_norms`` cached float32 ``||k||^2``."""
     from . import cpu
     from .norms import cached_sq_norms

@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reference import SEPARATION_REDUCTIONS
-from .loss import separation_loss
+from .loss import SEPARATION_REDUCTIONS, separation_loss
 
 OPTIMIZERS = ("sgd", "adam")
 

@@ -31,7 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .. import reference
+from .. import numerics
+from ..backends import torch_backend
 from .feature_map import FeatureMap
 from .loss import separation_loss
 
@@ -186,13 +187,14 @@ def batched_retrieve(
     """``Sep(beta q k^T) v`` for every sample n of ``queries`` (N, B, h) against its own ``keys``
     (N, M, h) and ``values`` (N, M, dv); returns (N, B, dv), differentiable by torch autograd.
 
-    Exact like :func:`hen_fast.reference.retrieve` with one step and dot similarity, sample by
+    Exact like :func:`hen_fast.backends.torch_backend.retrieve` with one step and dot similarity,
+    sample by
     sample: the same float64 thresholds, the same threshold derivative. Meant for small banks (it
-    holds the (N, B, M) scores); samples go in groups of about ``reference.DENSE_MAX_SCORES``
+    holds the (N, B, M) scores); samples go in groups of about ``torch_backend.DENSE_MAX_SCORES``
     scores.
     """
     per_sample = queries.shape[1] * keys.shape[1]
-    group = max(1, reference.DENSE_MAX_SCORES // max(per_sample, 1))
+    group = max(1, torch_backend.DENSE_MAX_SCORES // max(per_sample, 1))
     if queries.shape[0] > group:
         return torch.cat(
             [
@@ -207,21 +209,21 @@ def batched_retrieve(
                 for n in range(0, queries.shape[0], group)
             ]
         )
-    dtype = reference.accumulation_dtype(queries, keys, values)
+    dtype = numerics.accumulation_dtype(queries, keys, values)
     scores = beta * torch.bmm(queries.to(dtype), keys.to(dtype).transpose(1, 2))
     if separation == "softmax":
         weights = torch.softmax(scores, dim=-1)
     else:
-        weights = _sparse_weights(scores, reference.separation_alpha(separation, alpha))
+        weights = _sparse_weights(scores, numerics.separation_alpha(separation, alpha))
     return torch.bmm(weights, values.to(dtype)).to(queries.dtype)
 
 
 def _sparse_weights(scores: Tensor, alpha: float) -> Tensor:
     """alpha-entmax over the last dimension of ``scores``, differentiable.
 
-    The threshold tau comes from :mod:`hen_fast.reference`'s exact solvers on float64 sorted rows
+    The threshold tau comes from :mod:`hen_fast.numerics`' exact solvers on float64 sorted rows
     (closed forms for sparsemax and alpha 1.5, Newton otherwise). For autograd tau moves with the
-    scores as the reference's sparse step has it: ``sum_i g_i (dx_i - dtau) = 0`` with
+    scores as the torch backend's sparse step has it: ``sum_i g_i (dx_i - dtau) = 0`` with
     ``g = dp/dx``, so ``dtau = sum_i g_i dx_i / sum_i g_i``; ``tau_shift`` (value 0) carries that
     derivative and the weights are corrected to first order, ``p(tau + s) = p(tau) - g s``.
     """
@@ -229,20 +231,20 @@ def _sparse_weights(scores: Tensor, alpha: float) -> Tensor:
     x = (alpha - 1.0) * scores.reshape(-1, shape[-1])
     x_sorted = x.detach().double().sort(dim=1, descending=True).values
     if alpha in (1.5, 2.0):
-        tau = reference._sorted_threshold(x_sorted, alpha)
+        tau = numerics.sorted_threshold(x_sorted, alpha)
     else:
-        tau = reference._newton_threshold(
-            reference._row_sums(x_sorted, 1.0 / (alpha - 1.0)),
+        tau = numerics.newton_threshold(
+            numerics.row_sums(x_sorted, 1.0 / (alpha - 1.0)),
             x_sorted[:, 0],
             x_sorted[:, 0] - 1.0,
             alpha,
         )
     q = 1.0 / (alpha - 1.0)
     excess = torch.relu(x - tau.to(x.dtype)[:, None])
-    p = reference._power(excess, q)
+    p = numerics.power(excess, q)
     if x.requires_grad:
         slope = excess.detach()
-        g = (slope > 0).to(x.dtype) if q == 1.0 else q * reference._power(slope, q - 1.0)
+        g = (slope > 0).to(x.dtype) if q == 1.0 else q * numerics.power(slope, q - 1.0)
         tau_shift = (g * (x - x.detach())).sum(dim=1, keepdim=True) / g.sum(dim=1, keepdim=True)
         p = p - g * tau_shift
     # Dividing by the total makes the weights sum to 1 to rounding whatever tau's last bit.

@@ -29,10 +29,10 @@ import numbers
 import torch
 from torch import Tensor
 
-from ..reference import SEPARATION_REDUCTIONS
+from ..options import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOSS_BACKENDS = ("auto", "torch", "triton")
+SEPARATION_REDUCTIONS = ("average", "max")
 # Rows per tile of the torch path: a tile pair's temporaries are a few BLOCK x BLOCK matrices (4 MB
 # each in float32 at 1024), and 1024-row matrix products run near the BLAS peak.
 DEFAULT_BLOCK = 1024

@@ -6,7 +6,7 @@ sparse separations' rare overflow fallback is the one place that reads a flag ba
 
 When autograd needs a backward pass, each update is a :class:`~.backward.RetrieveStep` (the same
 fused forward, which also returns the per-row (reference similarity, offset) pair the backward
-recomputes the weights from), and the host-driven loop :func:`hen_fast.reference.iterate`
+recomputes the weights from), and the host-driven loop :func:`hen_fast.loop.iterate`
 chains the steps.
 """
 
@@ -17,9 +17,9 @@ import math
 import torch
 import triton
 
-from ... import codes, reference
+from ... import codes, loop
 from ...info import RetrieveInfo
-from ...reference import SOFTMAX_SUPPORT_EPS, separation_alpha
+from ...numerics import SOFTMAX_SUPPORT_EPS, separation_alpha
 from ._common import cached_sq_norms, dot_settings, interpreting, num_splits
 from .backward import RetrieveStep
 from .dense import dense_pass
@@ -52,7 +52,7 @@ def retrieve(
     degree=10, steps=1, tol=None, clamp_mask=None, return_info=False, num_splits_override=None,
     capacity=DEFAULT_CAPACITY, sq_norms=None,
 ):
-    """The Triton backend. Same contract as :func:`hen_fast.reference.retrieve`;
+    """The Triton backend. Same contract as :func:`hen_fast.backends.torch_backend.retrieve`;
     ``num_splits_override`` forces the number of bank splits (tests), ``capacity`` is the sparse
     candidate buffer per query, ``sq_norms`` cached float32 ``||k||^2`` for ``l2``."""
     values = memories if values is None else values
@@ -67,7 +67,7 @@ def retrieve(
         t.requires_grad for t in (queries, memories, values)
     )
     # After the first step the iterate is float32 (from the start when differentiating: the
-    # steps then run through reference.iterate), so the dot settings must suit that too.
+    # steps then run through loop.iterate), so the dot settings must suit that too.
     iterate = queries if steps == 1 and not needs_grad else queries.float()
     config = launch_config(dim, value_dim, num_rows, similarity, iterate, memories, values)
     splits = num_splits_override or num_splits(
@@ -122,7 +122,7 @@ def retrieve(
                 rows.contiguous(), memories, values, sq_norms, forward_step, backward_options
             )
 
-        return reference.iterate(differentiable_step, queries, torch.float32, steps=steps, tol=tol,
+        return loop.iterate(differentiable_step, queries, torch.float32, steps=steps, tol=tol,
                        clamp_mask=clamp_mask, return_info=return_info)
 
     held = queries.float()  # the values clamp_mask holds, converted once

@@ -11,7 +11,7 @@ thresholds on ``(alpha - 1) beta s`` cancel once ``beta s`` is large (every weig
    the final one) to its query's buffer of ``capacity`` slots, reserving slots with an atomic
    counter.
 2. On the device: the threshold is solved exactly on the buffer in float64 (closed forms for
-   sparsemax and alpha 1.5, Newton otherwise: hen_fast.reference's solvers). A row whose counter
+   sparsemax and alpha 1.5, Newton otherwise: hen_fast.numerics' solvers). A row whose counter
    stayed within the capacity holds every entry that can carry weight, so its threshold is the
    row's.
 3. ``_gather_kernel`` forms the output from the buffer alone: ``sum_j p_j V[index_j]`` over the
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ... import reference
+from ... import numerics
 from ._common import (
     block_and_split,
     exponent_kind,
@@ -152,10 +152,10 @@ def sparse_step(
     buffered = torch.where(in_window, relative, -2.0)
     zeros = torch.zeros(num_rows, dtype=torch.float64, device=device)
     if alpha in (1.5, 2.0):
-        tau = reference._sorted_threshold(buffered.sort(dim=1, descending=True).values, alpha)
+        tau = numerics.sorted_threshold(buffered.sort(dim=1, descending=True).values, alpha)
     else:
-        tau = reference._newton_threshold(
-            reference._row_sums(buffered, 1.0 / (alpha - 1.0)), zeros, zeros - 1.0, alpha
+        tau = numerics.newton_threshold(
+            numerics.row_sums(buffered, 1.0 / (alpha - 1.0)), zeros, zeros - 1.0, alpha
         )
     out, support, lse = _gathered(
         cand_value, cand_index, cand_count, top, tau, values, beta, alpha, capacity, config,
@@ -225,7 +225,7 @@ def _overflow_rows(
         )
         return sum_q.double(), sum_q1.double()
 
-    tau = reference._newton_threshold(
+    tau = numerics.newton_threshold(
         partial_sums, torch.zeros_like(tau), tau, alpha, eps=16 * torch.finfo(torch.float32).eps
     )
     out, support, _, lse, _ = dense_pass(

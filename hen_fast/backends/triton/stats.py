@@ -4,7 +4,7 @@ as a rule, so y stays exact and finite at any beta: see _common.score_tile):
 
 * ``count``: entries with ``y > t`` (softmax support: ``beta (s - max) > log(l) + log(1e-6)``);
 * ``sum_q``, ``sum_q1``: ``sum r^q`` and ``sum_{r>0} r^(q-1)``, ``r = [y - t]_+ / (top - t)``:
-  the sums of a Newton step for the entmax threshold (see hen_fast.reference._newton_threshold),
+  the sums of a Newton step for the entmax threshold (see hen_fast.numerics.newton_threshold),
   with ``top`` the largest y (0 when ref is the row's maximum).
 
 Partial sums per split are added on the device.

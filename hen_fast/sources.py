@@ -1,20 +1,57 @@
-"""Out-of-core retrieval: a bank read in chunks that fit a memory cap, merged exactly.
+"""Bank sources: where the parts of a bank come from, as chunks on the compute device.
 
-The bank may be memory-mapped from a file (``MemoryBank.load(path, mmap=True)``) and larger than
-RAM, or live in host memory while the queries are on a GPU whose memory it exceeds. Each chunk goes
-through the fused backend (softmax, polynomial) or a scoring matmul (the sparse separations'
-candidate pass), and :mod:`hen_fast.merge` combines the chunks' partial states exactly. On a GPU,
-chunk ``i + 1`` is copied from pinned host memory on a side stream while chunk ``i`` computes
-(double buffering), so at most two chunks occupy the device.
+A source yields this process's part of the bank in chunks: a bank in memory is one chunk; a
+memory-mapped bank, or a bank on the host while the queries are on a GPU, is read ``chunk_rows``
+memories at a time (on a GPU, chunk ``i + 1`` is copied from pinned host memory on a side stream
+while chunk ``i`` computes, so at most two chunks occupy the device); a shard of a bank sharded
+over ``torch.distributed`` is the same with an ``offset`` and the group's ``num_memories``. A
+group's ``gather`` exchanges per-process partial states (:class:`LocalGroup`: nothing to exchange).
+:func:`hen_fast.merge.merged_step` computes one update over any source and group.
 """
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterator
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from .merge import LOCAL, merged_step
-from .reference import accumulation_dtype, iterate
+from .partial import fold
+
+Chunk = tuple[int, Tensor, Tensor | None, Tensor | None]  # (global start, keys, norms, values)
+
+
+class BankSource(Protocol):
+    """This process's part of the bank, as chunks on the compute device."""
+
+    offset: int  # global index of this process's first memory
+    local_count: int  # memories held here
+    num_memories: int  # memories over every process
+    value_dim: int
+
+    def chunks(self) -> Iterator[Chunk]: ...
+
+    def values_at(self, local_index: Tensor) -> Tensor: ...
+
+
+class LocalGroup:
+    """The collective of a single process: every part is here, nothing to exchange."""
+
+    size = 1
+
+    def gather(self, tensor: Tensor) -> list[Tensor]:
+        return [tensor]
+
+
+LOCAL = LocalGroup()
+
+
+def sum_in_order(group, tensor: Tensor) -> Tensor:
+    """The sum over processes, added in rank order (the same bits on every process)."""
+    return fold(group.gather(tensor), operator.add)
+
 
 # Bank bytes per chunk for a memory-mapped bank when no memory_cap is given: large enough for
 # efficient kernels and disk reads, small against RAM.
@@ -67,6 +104,15 @@ class ChunkSource:
         self.num_memories = self.local_count if num_memories is None else num_memories
         self.value_dim = keys.shape[1] if values is None else values.shape[1]
         self.desc = desc
+
+    @property
+    def in_memory(self) -> bool:
+        """The whole bank is here, in one chunk on the compute device: no parts to merge."""
+        return (
+            self.chunk_rows >= self.local_count
+            and self.local_count == self.num_memories
+            and self.keys.device == self.device
+        )
 
     @property
     def num_chunks(self) -> int:
@@ -128,20 +174,20 @@ class ChunkSource:
             yield (start, *moved)
 
 
-def stream_retrieve(queries: Tensor, keys: Tensor, values: Tensor | None, norms: Tensor | None, *,
-                    impl, chunk_rows: int, beta, similarity, separation, alpha, degree, steps, tol,
-                    clamp_mask, return_info, candidates=None):  # fmt: skip
-    """:func:`hen_fast.retrieve` over a bank read in chunks of ``chunk_rows`` memories: the same
-    result as in memory (exact merges), for every separation and ``steps``."""
-    source = ChunkSource(keys, values, norms, chunk_rows=chunk_rows, device=queries.device)
-    candidates = candidates or default_candidates(queries.shape[0])
-
-    def one_step(rows):
-        return merged_step(rows, source, LOCAL, impl=impl, beta=beta, similarity=similarity,
-                           separation=separation, alpha=alpha, degree=degree,
-                           candidates=candidates, want_info=return_info)  # fmt: skip
-
-    dtype = accumulation_dtype(queries, keys, values)
-    with torch.no_grad():
-        return iterate(one_step, queries, dtype, steps=steps, tol=tol, clamp_mask=clamp_mask,
-                       return_info=return_info)  # fmt: skip
+def bank_source(queries: Tensor, keys: Tensor, values, norms, *, memory_cap, bank,
+                similarity: str) -> ChunkSource:  # fmt: skip
+    """The source of one process's bank for :func:`hen_fast.retrieve`: whole in memory, unless
+    ``memory_cap`` bounds it, the bank is memory-mapped (chunks of DEFAULT_MAPPED_CAP bytes), or
+    a host bank meets queries on a GPU (two chunks in flight, each half the cap)."""
+    double = needs_double_buffer(keys, queries.device)
+    whole = ChunkSource(keys, values, norms, chunk_rows=keys.shape[0], device=queries.device)
+    if memory_cap is None:
+        if bank is None or not (bank.mapped or double):
+            return whole
+        memory_cap = DEFAULT_MAPPED_CAP
+    with_norms = bank is not None and similarity == "l2"
+    rows = chunk_rows_for(memory_cap, keys, values, with_norms, buffers=2 if double else 1)
+    if rows >= keys.shape[0] and not double:
+        return whole
+    return ChunkSource(keys, values, norms if similarity == "l2" else None, chunk_rows=rows,
+                      device=queries.device)  # fmt: skip

@@ -1,0 +1,69 @@
+"""The driver: every entry point's retrieval runs through :func:`run`.
+
+The flow is request -> source -> parts -> backend step -> merge -> loop:
+
+* the entry point (:func:`hen_fast.retrieve`, :meth:`hen_fast.distributed.ShardedMemory.retrieve`)
+  checks its arguments once (:mod:`hen_fast.options`) and describes the bank as a source
+  (:mod:`hen_fast.sources`): in memory, in chunks (memory-mapped, host-to-GPU), or a shard;
+* :func:`run` picks the backend for the request (:mod:`hen_fast.backends`);
+* a bank held whole, in one process, goes to the backend in one call, which runs its own update
+  loop (Triton keeps it on the device; the others use :func:`hen_fast.loop.iterate`);
+* a bank in parts runs the fused backend on each part and merges the parts' partial states
+  exactly (:mod:`hen_fast.merge`, :mod:`hen_fast.partial`), under the one update loop.
+
+So every path shares one validation, one backend choice, one extreme-value policy (the backends'
+and the merge's: beta on differences from the row maximum, similarities clamped finite) and one
+loop.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import Request, select_backend
+from .loop import iterate
+from .merge import merged_step
+from .numerics import accumulation_dtype
+from .options import CheckedArguments
+from .sources import LOCAL, ChunkSource, default_candidates
+
+
+def run(args: CheckedArguments, source: ChunkSource, *, backend: str = "auto", group=LOCAL,
+        candidates: int | None = None):  # fmt: skip
+    """``out`` (or ``(out, info)`` with ``return_info``) of the checked call ``args`` over the
+    bank ``source`` (this process's part of it when ``group`` spans several processes)."""
+    queries, options = args.queries2d, args.options
+    keys, values = source.keys, source.values
+    tensors = [t for t in (queries, keys, values) if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    whole = source.in_memory and group.size == 1
+    request = Request(queries.device, tuple(t.dtype for t in tensors), needs_grad,
+                      num_queries=queries.shape[0], num_memories=source.chunk_rows,
+                      similarity=options.similarity, separation=options.separation)  # fmt: skip
+    impl = select_backend(backend, request)
+    if whole:
+        out, info = impl.retrieve(queries, keys, values, **options.kernel_kwargs())
+    else:
+        if needs_grad:
+            raise ValueError(
+                "a bank retrieved in parts (memory_cap, a memory-mapped bank, a host bank with "
+                "queries on a GPU, or a ShardedMemory) computes without autograd; retrieve from "
+                "a bank held whole in memory to differentiate"
+            )
+        candidates = candidates or default_candidates(queries.shape[0])
+
+        def one_step(rows):
+            return merged_step(rows, source, group, impl=impl, beta=options.beta,
+                               similarity=options.similarity, separation=options.separation,
+                               alpha=options.alpha, degree=options.degree,
+                               candidates=candidates, want_info=options.return_info)  # fmt: skip
+
+        with torch.no_grad():
+            out, info = iterate(one_step, queries, accumulation_dtype(*tensors),
+                                steps=options.steps, tol=options.tol,
+                                clamp_mask=options.clamp_mask,
+                                return_info=options.return_info)  # fmt: skip
+    if args.single:
+        out = out.squeeze(0)
+        info = None if info is None else info.squeeze()
+    return (out, info) if options.return_info else out

@@ -1,0 +1,227 @@
+"""The options of one retrieval, and every check of :func:`hen_fast.retrieve`'s arguments.
+
+Checked once, here, for every entry point (``hen_fast.retrieve``, ``ShardedMemory.retrieve``):
+each bad argument raises a TypeError or ValueError that names it, what it got and what was
+expected. The checks never read a tensor's data except the finiteness check, which
+``check_finite=False`` skips (the one check that costs a read of the bank).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .codes import SEPARATIONS, SIMILARITIES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class RetrieveOptions:
+    """What to compute, validated: every backend takes these as keyword arguments
+    (:meth:`kernel_kwargs`)."""
+
+    beta: float
+    similarity: str
+    separation: str
+    alpha: float
+    degree: float
+    steps: int
+    tol: float | None
+    clamp_mask: Tensor | None
+    return_info: bool
+
+    def kernel_kwargs(self) -> dict:
+        return dict(beta=self.beta, similarity=self.similarity, separation=self.separation,
+                    alpha=self.alpha, degree=self.degree, steps=self.steps, tol=self.tol,
+                    clamp_mask=self.clamp_mask, return_info=self.return_info)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CheckedArguments:
+    """retrieve's arguments after validation: the queries as a 2-D batch (``single``: the caller
+    gave one 1-D query) and the options."""
+
+    single: bool
+    queries2d: Tensor
+    options: RetrieveOptions
+
+
+def check_arguments(
+    queries,
+    memories,
+    values,
+    *,
+    beta,
+    similarity,
+    separation,
+    alpha,
+    degree,
+    steps,
+    tol,
+    clamp_mask,
+    return_info,
+    check_finite,
+    memory_cap=None,
+    check_devices=True,
+) -> CheckedArguments:
+    """Every check :func:`hen_fast.retrieve` makes, raising its TypeError/ValueError; shared with
+    :class:`hen_fast.distributed.ShardedMemory` (which passes its local shard as ``memories``)."""
+    single = _check_tensor("queries", queries, (1, 2))
+    _check_tensor("memories", memories, (2,))
+    if values is not None:
+        _check_tensor("values", values, (2,))
+    queries2d = queries.unsqueeze(0) if single else queries
+    num_queries, dim = queries2d.shape
+    num_memories = memories.shape[0]
+    if num_queries == 0:
+        raise ValueError(f"queries must hold at least one query, got shape {tuple(queries.shape)}")
+    if dim == 0:
+        raise ValueError(
+            f"queries must have at least one feature, got shape {tuple(queries.shape)}"
+        )
+    if num_memories == 0:
+        raise ValueError(
+            f"memories is empty (shape {tuple(memories.shape)}): store at least one pattern"
+        )
+    if memories.shape[1] != dim:
+        raise ValueError(
+            f"memories must have the queries' dimension d={dim}, got shape {tuple(memories.shape)}"
+        )
+    if values is not None and values.shape[0] != num_memories:
+        raise ValueError(
+            f"values must have one row per memory ({num_memories}), got shape {tuple(values.shape)}"
+        )
+    value_dim = dim if values is None else values.shape[1]
+    if value_dim == 0:
+        raise ValueError(f"values must have at least one column, got shape {tuple(values.shape)}")
+    if check_devices:
+        _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask)
+    else:
+        _check_devices(queries=queries, clamp_mask=clamp_mask)
+        _check_devices(memories=memories, values=values)
+
+    beta = check_real("beta", beta, positive=True)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if separation not in SEPARATIONS:
+        raise ValueError(f"separation must be one of {SEPARATIONS}, got {separation!r}")
+    if separation == "entmax":
+        alpha = check_real("alpha", alpha)
+        if not 1.0 < alpha < 2.0:
+            raise ValueError(
+                f"alpha must lie in the open interval (1, 2) for entmax (use "
+                f"'softmax' for 1, 'sparsemax' for 2), got {alpha}"
+            )
+    if separation == "polynomial":
+        degree = check_real("degree", degree)
+        if degree < 1:
+            raise ValueError(f"degree must be >= 1, got {degree}")
+        if similarity != "dot":
+            raise ValueError(
+                f"separation 'polynomial' is defined for similarity 'dot' only "
+                f"(distance scores are all <= 0), got similarity {similarity!r}"
+            )
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if tol is not None:
+        tol = check_real("tol", tol)
+        if tol < 0:
+            raise ValueError(f"tol must be >= 0 or None, got {tol}")
+    if steps > 1 and value_dim != dim:
+        raise ValueError(
+            f"steps > 1 feeds each output back as the next query, so values must "
+            f"have the queries' dimension d={dim}, got dv={value_dim}"
+        )
+    if clamp_mask is not None:
+        clamp_mask = _check_mask(clamp_mask, queries, value_dim)
+    if memory_cap is not None:
+        if isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Integral):
+            raise TypeError(f"memory_cap must be an int (bytes) or None, got {memory_cap!r}")
+        if memory_cap <= 0:
+            raise ValueError(f"memory_cap must be > 0 bytes, got {memory_cap}")
+    for flag_name, flag in (("return_info", return_info), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
+    if check_finite:
+        for name, tensor in (("queries", queries), ("memories", memories), ("values", values)):
+            if tensor is not None and not all_finite(tensor):
+                raise ValueError(
+                    f"{name} contains NaN or Inf; clean the input or pass "
+                    "check_finite=False to skip this check"
+                )
+
+    options = RetrieveOptions(beta, similarity, separation, alpha, degree, int(steps), tol,
+                              clamp_mask, return_info)  # fmt: skip
+    return CheckedArguments(single, queries2d, options)
+
+
+def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
+    """Type, dtype and rank of an input; returns whether it is a single 1-D vector."""
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or "
+            f"float64), got {tensor.dtype}"
+        )
+    if tensor.dim() not in dims:
+        shapes = " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}")
+    return tensor.dim() == 1
+
+
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or Inf, in one read and O(1) memory: the min and max are finite exactly then (both
+    are NaN if any entry is). torch.isfinite would allocate temporaries the size of the bank."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def _check_devices(**tensors) -> None:
+    placed = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
+    if len(set(placed.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in placed.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
+
+
+def check_real(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def _check_mask(clamp_mask, queries: Tensor, value_dim: int) -> Tensor:
+    if not isinstance(clamp_mask, Tensor):
+        raise TypeError(f"clamp_mask must be a torch.Tensor, got {type(clamp_mask).__name__}")
+    if clamp_mask.dtype != torch.bool:
+        raise TypeError(f"clamp_mask must be a bool tensor, got {clamp_mask.dtype}")
+    if value_dim != queries.shape[-1]:
+        raise ValueError(
+            f"clamp_mask holds components of the query in the output, so values must "
+            f"have the queries' dimension d={queries.shape[-1]}, got dv={value_dim}"
+        )
+    try:
+        torch.broadcast_shapes(clamp_mask.shape, queries.shape)
+        expanded = clamp_mask.broadcast_to(queries.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"clamp_mask of shape {tuple(clamp_mask.shape)} does not broadcast to the "
+            f"queries' shape {tuple(queries.shape)}"
+        ) from None
+    return expanded.reshape(-1, queries.shape[-1])
