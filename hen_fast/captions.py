@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ._extras import require
+
 
 @dataclass(frozen=True)
 class CaptionedImages:
@@ -87,8 +89,7 @@ def load_coco_captions(
 
 
 def _load_images(folder: Path, file_names, size, channels) -> torch.Tensor:
-    from PIL import Image
-
+    Image = require("PIL.Image", "hen")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     if isinstance(size, int):

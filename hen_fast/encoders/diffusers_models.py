@@ -14,6 +14,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .._extras import require
 from .base import Encoder, _check_size
 
 VQ_LATENTS = ("quantized", "onehot", "continuous")
@@ -67,8 +68,7 @@ class DiffusersEncoder(Encoder):
         name: str | None = None,
         recommended: dict | None = None,
     ):
-        import diffusers
-
+        diffusers = require("diffusers", "hen")
         model_class = getattr(diffusers, self.model_class_name)
         given = [arg is not None for arg in (pretrained, config, model)]
         if sum(given) != 1:

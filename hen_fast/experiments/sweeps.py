@@ -22,13 +22,13 @@ def add_commands(commands) -> None:
         default=[10.0**e for e in (-3, -2.5, -2, -1.5, -1, -0.5, 0, 0.5, 1, 2)],
     )
     sweep.add_argument("--steps", type=int, default=3)
-    sweep.set_defaults(run=run_beta_sweep)
+    sweep.set_defaults(run=run_beta_sweep, extra="hen")
 
     separability = commands.add_parser(
         "hen-separability", help="self/cross cosine-similarity histograms (Fig. 3)"
     )
     _common_arguments(separability, size=1000)
-    separability.set_defaults(run=run_separability)
+    separability.set_defaults(run=run_separability, extra="hen")
 
     rank = commands.add_parser(
         "hen-rank", help="relative rank of the recovered states over updates (Appendix C)"
@@ -36,7 +36,7 @@ def add_commands(commands) -> None:
     _common_arguments(rank, size=500)
     rank.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     rank.add_argument("--steps", type=int, default=10)
-    rank.set_defaults(run=run_rank)
+    rank.set_defaults(run=run_rank, extra="hen")
 
 
 def _common_arguments(parser, size: int) -> None:

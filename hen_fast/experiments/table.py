@@ -30,7 +30,7 @@ def add_commands(commands) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/hen")
-    parser.set_defaults(run=run_table1)
+    parser.set_defaults(run=run_table1, extra="hen")
 
 
 def _recall(latents, cue_latents, size, similarity, beta, steps, encoder, reference):

@@ -33,7 +33,7 @@ def add_commands(subparsers) -> None:
     )
     capacity.add_argument("--steps", type=int, default=100, help="Stage I iterations N")
     capacity.add_argument("--lr", type=float, default=1.0)
-    capacity.set_defaults(run=_run_capacity)
+    capacity.set_defaults(run=_run_capacity, extra="uhop")
 
     noise = subparsers.add_parser("uhop-noise", help="U-Hop vs baselines: error against noise")
     common(noise)
@@ -41,7 +41,7 @@ def add_commands(subparsers) -> None:
     noise.add_argument("--repeats", type=int, default=20)
     noise.add_argument("--steps", type=int, default=100)
     noise.add_argument("--lr", type=float, default=1.0)
-    noise.set_defaults(run=_run_noise)
+    noise.set_defaults(run=_run_noise, extra="uhop")
 
     iters = subparsers.add_parser(
         "uhop-iterations", help="U-Hop's error and loss against Stage I iterations N (Fig. 5)"
@@ -50,7 +50,7 @@ def add_commands(subparsers) -> None:
     iters.add_argument("--checkpoints", type=int, nargs="+", default=None)
     iters.add_argument("--repeats", type=int, default=5)
     iters.add_argument("--lr", type=float, default=1.0)
-    iters.set_defaults(run=_run_iterations)
+    iters.set_defaults(run=_run_iterations, extra="uhop")
 
     loss_error = subparsers.add_parser(
         "uhop-loss-error", help="U-Hop's error against its separation loss (Fig. 7)"
@@ -58,7 +58,7 @@ def add_commands(subparsers) -> None:
     common(loss_error)
     loss_error.add_argument("--runs", type=int, default=50)
     loss_error.add_argument("--max-steps", type=int, default=200)
-    loss_error.set_defaults(run=_run_loss_error)
+    loss_error.set_defaults(run=_run_loss_error, extra="uhop")
 
 
 def _finish(result, args) -> int:

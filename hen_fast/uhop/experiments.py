@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__, datasets
+from .._extras import require
 from .baselines import BASELINES, baseline_retrieve
 from .feature_map import FeatureMap, fit_feature_map
 from .loss import separation_loss
@@ -310,10 +311,8 @@ def save(result: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    require("matplotlib", "uhop").use("Agg")
+    plt = require("matplotlib.pyplot", "uhop")
 
     kind, dataset = result["experiment"], result["dataset"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))

@@ -18,6 +18,7 @@ import time
 import torch
 from torch import Tensor, nn
 
+from .._extras import require
 from .layer import UHopHopfieldLayer, fit_uhop
 
 PATCH = 2
@@ -67,8 +68,7 @@ def digits_classification(
     """Train on 80% of (the first ``max_samples`` of, shuffled) sklearn's digits, evaluate on the
     rest; returns accuracies, the first and the final (mean of the last 10) training objective,
     the last separation loss and the training seconds."""
-    from sklearn.datasets import load_digits
-
+    load_digits = require("sklearn.datasets", "uhop").load_digits
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     digits = load_digits()
