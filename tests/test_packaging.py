@@ -74,7 +74,8 @@ def test_the_core_works_without_the_optional_packages(tmp_path):
 
         import hen_fast
         import hen_fast.distributed
-        import hen_fast.streaming
+        import hen_fast.sources
+        import hen_fast.driver
         import hen_fast.uhop
         from hen_fast import MemoryBank, retrieve
         from hen_fast.backends import cpu
