@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .backends.norms import remember_sq_norms, sq_norms
-from .options import FLOAT_DTYPES, all_finite
+from .options import FLOAT_DTYPES, all_finite, check_tensor
 
 FORMAT_NAME = "hen_fast.MemoryBank"
 FORMAT_VERSION = 1
@@ -420,12 +420,7 @@ def _check_derived(refuse, meta: dict, tensors: dict[str, Tensor]) -> None:
 def _check_rows(name: str, tensor, *, rows: int | None = None, like: Tensor | None = None):
     """A 2-D floating-point tensor; with ``rows``, that many rows; with ``like``, the same
     device, dtype and number of columns (what ``append`` concatenates onto)."""
-    if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must have shape (M, d), got {tuple(tensor.shape)}")
+    check_tensor(name, tensor, (2,), shape="(M, d)")
     if rows is not None and tensor.shape[0] != rows:
         raise ValueError(f"{name} must have one row per key ({rows}), got {tuple(tensor.shape)}")
     if like is not None:

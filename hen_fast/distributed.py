@@ -115,23 +115,11 @@ class ShardedMemory:
             return self.bank.all_finite()
         return all(all_finite(t) for t in (self.keys, self.values) if t is not None)
 
-    def retrieve(
-        self,
-        queries: Tensor,
-        *,
-        beta: float = 1.0,
-        similarity: str = "dot",
-        separation: str = "softmax",
-        alpha: float = 1.5,
-        degree: float = 10,
-        steps: int = 1,
-        tol: float | None = None,
-        clamp_mask: Tensor | None = None,
-        backend: str = "auto",
-        return_info: bool = False,
-        check_finite: bool = True,
-        memory_cap: int | None = None,
-    ):
+    def retrieve(self, queries: Tensor, *, beta: float = 1.0, similarity: str = "dot",
+                 separation: str = "softmax", alpha: float = 1.5, degree: float = 10,
+                 steps: int = 1, tol: float | None = None, clamp_mask: Tensor | None = None,
+                 backend: str = "auto", return_info: bool = False, check_finite: bool = True,
+                 memory_cap: int | None = None):  # fmt: skip
         """:func:`hen_fast.retrieve` over the whole sharded bank; a collective (call it on every
         rank with the same arguments). ``info.argmax`` indexes the whole bank. ``memory_cap``
         streams this rank's shard in chunks of at most that many bytes."""

@@ -27,19 +27,9 @@ import math
 import torch
 from torch import Tensor
 
+from . import numerics
 from .backends import torch_backend
 from .backends.norms import remember_sq_norms
-from .numerics import (
-    SOFTMAX_SUPPORT_EPS,
-    finite_scores,
-    newton_threshold,
-    power,
-    relative_scores,
-    separation_alpha,
-    similarity_scores,
-    solve_threshold,
-    sparse_energy,
-)
 from .partial import ArgmaxState, CandidateState, DenseState, fold
 from .sources import LOCAL, BankSource, sum_in_order
 
@@ -63,9 +53,8 @@ def merged_step(
     if separation in ("softmax", "polynomial"):
         return _dense_step(rows, source, group, impl, beta, similarity, separation, degree,
                            want_info)  # fmt: skip
-    return _sparse_step(
-        rows, source, group, beta, similarity, separation_alpha(separation, alpha), candidates
-    )
+    alpha = numerics.separation_alpha(separation, alpha)
+    return _sparse_step(rows, source, group, beta, similarity, alpha, candidates)
 
 
 # ------------------------------------------------------------------------- softmax, polynomial
@@ -142,8 +131,8 @@ def _scores(rows, keys, norms, similarity) -> Tensor:
     """Similarities of a chunk in the rows' dtype, clamped finite (l2 shifted by ``||x||^2``, as
     in the torch backend); beta multiplies differences from the row maximum only."""
     norms = None if norms is None else norms.to(rows.dtype)
-    scores = similarity_scores(rows, keys.to(rows.dtype), similarity, norms)
-    return finite_scores(scores)
+    scores = numerics.similarity_scores(rows, keys.to(rows.dtype), similarity, norms)
+    return numerics.finite_scores(scores)
 
 
 def _l2_shift(rows: Tensor, similarity: str) -> Tensor | float:
@@ -153,7 +142,7 @@ def _l2_shift(rows: Tensor, similarity: str) -> Tensor | float:
 
 def _softmax_support(rows, source, group, beta, similarity, rel, best) -> Tensor:
     """Weights above 1e-6 given the global log-partition: ``beta (s - best) > rel + log(eps)``."""
-    threshold = (rel + math.log(SOFTMAX_SUPPORT_EPS))[:, None]
+    threshold = (rel + math.log(numerics.SOFTMAX_SUPPORT_EPS))[:, None]
     top = (best + _l2_shift(rows, similarity))[:, None]
     count = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
     for _, keys, norms, _ in source.chunks():
@@ -195,8 +184,8 @@ def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
     # Everything relative to the row maximum: x = (alpha - 1) beta (s - s_max) in float64, <= 0,
     # finite for any beta and similarity in range, the support in x > -1.
     s_max = kept[:, 0].double()
-    x = relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
-    tau = solve_threshold(x, alpha)
+    x = numerics.relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
+    tau = numerics.solve_threshold(x, alpha)
     # As in the torch backend: the buffer's threshold is the row's when it lies at or above the
     # smallest kept score (or nothing was left out); other rows need passes over the bank.
     if kept.shape[1] < source.num_memories:
@@ -204,24 +193,24 @@ def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
     else:
         unsettled = tau.new_empty(0, dtype=torch.long)
 
-    p = power(torch.relu(x - tau[:, None]), q)
+    p = numerics.power(torch.relu(x - tau[:, None]), q)
     weighted = _gather_weighted(p, kept_index, source, group)
     total = p.sum(dim=1)
     support = (p > 0).sum(dim=1)
     dot_px = torch.where(p > 0, p * x, 0.0).sum(dim=1)
-    sum_p_alpha = power(p, alpha).sum(dim=1)
+    sum_p_alpha = numerics.power(p, alpha).sum(dim=1)
     if unsettled.numel():
         # Every process found the same rows: the decision came from gathered data.
         relative = _RelativeScores(rows, unsettled, s_max[unsettled], source, similarity,
                                    (alpha - 1.0) * beta)  # fmt: skip
-        tau_sub = newton_threshold(
+        tau_sub = numerics.newton_threshold(
             _streamed_sums(relative, group, alpha), x[unsettled, 0], tau[unsettled], alpha
         )
         sums = _streamed_output(relative, tau_sub, source, group, alpha)
         for target, value in zip((weighted, total, support, dot_px, sum_p_alpha), sums):
             target[unsettled] = value.to(target.dtype)
     out = (weighted / total[:, None]).to(dtype)
-    lse = sparse_energy(dot_px, total, sum_p_alpha, alpha)
+    lse = numerics.sparse_energy(dot_px, total, sum_p_alpha, alpha)
     lse = lse + beta * (s_max - _l2_shift(rows, similarity))
     return out, support, argmax, lse.to(dtype)
 
@@ -253,7 +242,7 @@ class _RelativeScores:
     def chunks(self):
         for _, keys, norms, values in self.source.chunks():
             s = _scores(self.rows, keys, norms, self.similarity)[self.which].double()
-            yield relative_scores(s, self.s_max, self.scale), keys, values
+            yield numerics.relative_scores(s, self.s_max, self.scale), keys, values
 
 
 def _streamed_sums(relative: _RelativeScores, group, alpha):
@@ -265,8 +254,8 @@ def _streamed_sums(relative: _RelativeScores, group, alpha):
         sum_q1 = torch.zeros_like(tau)
         for x, _, _ in relative.chunks():
             ratio = torch.relu(x - tau[:, None]) / (x_max - tau)[:, None]
-            sum_q += power(ratio, q).sum(dim=1)
-            sum_q1 += (ratio > 0).sum(dim=1) if q == 1.0 else power(ratio, q - 1.0).sum(dim=1)
+            sum_q += numerics.power(ratio, q).sum(dim=1)
+            sum_q1 += numerics.inner_power_sum(ratio, q)
         return sum_in_order(group, sum_q), sum_in_order(group, sum_q1)
 
     return partial_sums
@@ -280,10 +269,10 @@ def _streamed_output(relative: _RelativeScores, tau, source, group, alpha):
     total, dot_px, sum_p_alpha = (torch.zeros_like(tau) for _ in range(3))
     support = torch.zeros(count, dtype=torch.long, device=tau.device)
     for x, keys, values in relative.chunks():
-        p = power(torch.relu(x - tau[:, None]), q)
+        p = numerics.power(torch.relu(x - tau[:, None]), q)
         weighted += p @ (keys if values is None else values).double()
         total += p.sum(dim=1)
         support += (p > 0).sum(dim=1)
         dot_px += torch.where(p > 0, p * x, 0.0).sum(dim=1)
-        sum_p_alpha += power(p, alpha).sum(dim=1)
+        sum_p_alpha += numerics.power(p, alpha).sum(dim=1)
     return tuple(sum_in_order(group, t) for t in (weighted, total, support, dot_px, sum_p_alpha))

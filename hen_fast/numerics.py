@@ -75,7 +75,14 @@ def finite_scores(scores: Tensor) -> Tensor:
 def relative_scores(s: Tensor, s_max: Tensor, beta: float) -> Tensor:
     """``beta * (s - s_max)`` per row (``s_max`` a detached column): <= 0, finite or -inf, never
     NaN for finite ``s`` (the difference is exact near the top, where the weights live)."""
-    return (s - s_max[:, None]) * beta
+    return (s - s_max[:, None]) * dtype_beta(beta, s.dtype)
+
+
+def dtype_beta(beta: float, dtype: torch.dtype) -> float:
+    """``beta`` as it may multiply a tensor of ``dtype``: a Python float past the dtype's range
+    becomes inf there, and inf * 0 (the maximum's own difference) NaN. The dtype's largest value
+    gives the same limit: every difference from the maximum but 0 goes to -inf."""
+    return min(beta, torch.finfo(dtype).max)
 
 
 def power(base: Tensor, exponent: float) -> Tensor:

@@ -71,10 +71,10 @@ def check_arguments(
 ) -> CheckedArguments:
     """Every check :func:`hen_fast.retrieve` makes, raising its TypeError/ValueError; shared with
     :class:`hen_fast.distributed.ShardedMemory` (which passes its local shard as ``memories``)."""
-    single = _check_tensor("queries", queries, (1, 2))
-    _check_tensor("memories", memories, (2,))
+    single = check_tensor("queries", queries, (1, 2))
+    check_tensor("memories", memories, (2,))
     if values is not None:
-        _check_tensor("values", values, (2,))
+        check_tensor("values", values, (2,))
     queries2d = queries.unsqueeze(0) if single else queries
     num_queries, dim = queries2d.shape
     num_memories = memories.shape[0]
@@ -162,8 +162,9 @@ def check_arguments(
     return CheckedArguments(single, queries2d, options)
 
 
-def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
-    """Type, dtype and rank of an input; returns whether it is a single 1-D vector."""
+def check_tensor(name: str, tensor, dims: tuple[int, ...], shape: str | None = None) -> bool:
+    """Type, dtype and rank of an input (``shape`` names the expected shape in the message);
+    returns whether it is a single 1-D vector."""
     if not isinstance(tensor, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
@@ -172,7 +173,7 @@ def _check_tensor(name: str, tensor, dims: tuple[int, ...]) -> bool:
             f"float64), got {tensor.dtype}"
         )
     if tensor.dim() not in dims:
-        shapes = " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
+        shapes = shape or " or ".join({1: "(d,)", 2: "(N, d)"}[n] for n in dims)
         raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}")
     return tensor.dim() == 1
 

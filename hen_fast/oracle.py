@@ -79,21 +79,11 @@ def naive_info(
     return (p > 0).sum(1), scores.argmax(1), (p * z).sum(1) + tsallis
 
 
-def naive_retrieve(
-    queries: Tensor,
-    memories: Tensor,
-    values: Tensor | None = None,
-    *,
-    beta: float = 1.0,
-    similarity: str = "dot",
-    separation: str = "softmax",
-    alpha: float = 1.5,
-    degree: float = 10,
-    steps: int = 1,
-    tol: float | None = None,
-    clamp_mask: Tensor | None = None,
-    return_info: bool = False,
-):
+def naive_retrieve(queries: Tensor, memories: Tensor, values: Tensor | None = None, *,
+                   beta: float = 1.0, similarity: str = "dot", separation: str = "softmax",
+                   alpha: float = 1.5, degree: float = 10, steps: int = 1,
+                   tol: float | None = None, clamp_mask: Tensor | None = None,
+                   return_info: bool = False):  # fmt: skip
     """The float64 output of :func:`hen_fast.retrieve` computed the plain way (small inputs only),
     with the :class:`RetrieveInfo` as well when ``return_info``."""
     keys = memories.double()

@@ -1,6 +1,7 @@
-"""Extremes on every backend: beta up to 1e30, scores beyond float32's range, ties, duplicated
-memories, one-memory banks, d = 1, non-finite inputs. Expected: the float64 oracle
-(hen_fast.oracle.naive_retrieve) on the same inputs, or its limit, never a silent NaN.
+"""Extremes on every backend: beta up to 1e30 and past float32's range, scores beyond float32's
+range, ties, duplicated memories, one-memory banks, d = 1, non-finite inputs. Expected: the
+float64 oracle (hen_fast.oracle.naive_retrieve) on the same inputs, or its limit, never a silent
+NaN.
 
 Inputs of the fuzz test lie on an integer grid times a power of two, so that float32 similarities
 are exact: the backends and the oracle then see the same scores, and any difference is the
@@ -49,17 +50,19 @@ def _limit(queries, keys, values, similarity):
     return weights @ values.double()
 
 
+@pytest.mark.parametrize("beta", [1e30, 1e39, 1e300])
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: f"{p[0]}-{p[1] or 'memory'}")
 @pytest.mark.parametrize("similarity,separation", CASES)
-def test_beta_1e30_gives_the_limit(path, similarity, separation, gen):
-    """The issue's case: every sparse call at beta = 1e30 was NaN on torch and cpu."""
+def test_huge_beta_gives_the_limit(path, similarity, separation, beta, gen):
+    """Every sparse call at beta = 1e30 was NaN on torch and cpu; past float32's range (1e39,
+    1e300) beta itself became inf in float32 arithmetic and inf * 0 NaN at the maximum."""
     queries = torch.randn(5, 6, generator=gen)
     keys = torch.randn(9, 6, generator=gen)
     keys[4] = keys[1]  # a duplicated memory: an exact tie when it is the best
     queries[0] = keys[1]
     values = torch.randn(9, 3, generator=gen)
     alpha = 1.3 if separation == "entmax" else 1.5
-    out, info = _call(path, queries, keys, values, beta=1e30, similarity=similarity,
+    out, info = _call(path, queries, keys, values, beta=beta, similarity=similarity,
                       separation=separation, alpha=alpha, return_info=True)  # fmt: skip
     assert torch.isfinite(out).all()
     if separation == "polynomial":  # beta cancels: the oracle at beta 1

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../common/ops.h"
+#include "few_queries.h"
 #include "hen_fast/codes.h"
 #include "manhattan.h"
 
@@ -50,6 +51,10 @@ constexpr int64_t kQueryBlock = 64;     // queries per task
 constexpr int64_t kMinSplit = 4096;     // memories per split at least
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kFloatMax = std::numeric_limits<float>::max();
+
+// beta as it multiplies float tensors: past float's range it would become inf, and inf * 0 (the
+// maximum's own difference) NaN; float's largest value gives the same limit, every other weight 0.
+double float_beta(double beta) { return std::min(beta, static_cast<double>(kFloatMax)); }
 
 struct Problem {
   at::Tensor x;       // (B, d) float32, contiguous
@@ -163,12 +168,60 @@ void track_argmax(const at::Tensor& scores, int64_t m0, at::Tensor best, at::Ten
 
 using StepOutputs = RetrieveStepResult;  // csrc/common/ops.h
 
+// Few queries, softmax: the one-read pass of few_queries.cpp on every bank split, writing the
+// splits' partial states. False (nothing done) where it does not apply: many queries, wide rows,
+// keys and values of different dtypes or with strided columns, or a non-finite query (whose NaN
+// the tiled path carries to its output).
+bool few_query_pass(const Problem& p, const Tasks& tasks, Partials& part) {
+  const int64_t rows = p.x.size(0), d = p.x.size(1), dv = p.values.size(1);
+  if (tasks.blocks != 1 || !few_query_pass_applies(rows, d, dv)) return false;
+  const auto dtype = p.keys.scalar_type();
+  if (dtype != p.values.scalar_type() || p.keys.stride(1) != 1 || p.values.stride(1) != 1) {
+    return false;
+  }
+  int kind;
+  if (dtype == at::kFloat) kind = kKindFloat32;
+  else if (dtype == at::kBFloat16) kind = kKindBFloat16;
+  else if (dtype == at::kHalf) kind = kKindFloat16;
+  else return false;
+  if (!p.x.isfinite().all().item<bool>()) return false;
+  const FewQueryArgs args{p.x.data_ptr<float>(), rows, d, p.keys.data_ptr(), p.keys.stride(0),
+                          p.values.data_ptr(), p.values.stride(0), dv,
+                          p.similarity == kL2 ? p.norms.data_ptr<float>() : nullptr, kind,
+                          p.similarity, p.beta};
+  const int64_t splits = tasks.splits;
+  float *max = part.max.data_ptr<float>(), *sum = part.sum.data_ptr<float>(),
+        *acc = part.acc.data_ptr<float>(), *best = part.best.data_ptr<float>();
+  int64_t* index = part.index.data_ptr<int64_t>();
+  for_each_task(tasks, rows, p.keys.size(0), [&](int64_t task, int64_t, int64_t, int64_t m0,
+                                                 int64_t m1) {
+    const int64_t split = task % splits;
+    std::vector<float> s_max(rows, kNegInf), s_sum(rows, 0.f), s_acc(rows * dv, 0.f),
+        s_best(rows, kNegInf);
+    std::vector<int64_t> s_index(rows, 0);
+    FewQueryState state{s_max.data(), s_sum.data(), s_acc.data(), s_best.data(), s_index.data()};
+    few_query_softmax_pass(args, m0, m1, state);
+    for (int64_t r = 0; r < rows; ++r) {  // Partials are (rows, splits[, dv])
+      max[r * splits + split] = s_max[r];
+      sum[r * splits + split] = s_sum[r];
+      best[r * splits + split] = s_best[r];
+      index[r * splits + split] = s_index[r];
+      std::copy(s_acc.begin() + r * dv, s_acc.begin() + (r + 1) * dv,
+                acc + (r * splits + split) * dv);
+    }
+  });
+  return true;
+}
+
 // Softmax and polynomial: one pass.
 StepOutputs smooth_step(const Problem& p, bool want_info) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
   const bool softmax = p.separation == kSoftmax;
   Tasks tasks(rows, num_memories);
   Partials part(rows, tasks.splits, dv, softmax ? kNegInf : 0.f);
+  if (softmax && few_query_pass(p, tasks, part)) {
+    // the one-read pass filled the partial states
+  } else {
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
@@ -184,8 +237,8 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
       if (softmax) {
         // new_max is finite (clamped scores), so no -inf - -inf: the first tile rescales by 0.
         new_max = at::maximum(running_max, std::get<0>(z.max(1)));
-        rescale = (running_max - new_max).mul_(p.beta).exp_();
-        z.sub_(new_max.unsqueeze(1)).mul_(p.beta).exp_();  // z now holds the weights
+        rescale = (running_max - new_max).mul_(float_beta(p.beta)).exp_();
+        z.sub_(new_max.unsqueeze(1)).mul_(float_beta(p.beta)).exp_();  // z: the weights
       } else {
         count.add_((z > 0).sum(1));
         z.clamp_min_(0.0);
@@ -200,11 +253,12 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
       running_max.copy_(new_max);
     });
   });
+  }
   auto [top, argmax] = merge_argmax(part.best, part.index);
   auto row_max = std::get<0>(part.max.max(1, /*keepdim=*/true));
   at::Tensor weight;
   if (softmax) {
-    weight = (part.max - row_max).mul_(p.beta).exp_();
+    weight = (part.max - row_max).mul_(float_beta(p.beta)).exp_();
   } else {
     weight = (part.max / at::where(row_max > 0, row_max, at::ones_like(row_max))).pow(p.degree);
   }
@@ -233,7 +287,7 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
     for_each_task(again, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1,
                                                  int64_t m0, int64_t m1) {
       for_each_tile(p, r0, r1, m0, m1, [&](at::Tensor& z, int64_t t0, int64_t t1) {
-        z.sub_(row_max.slice(0, r0, r1)).mul_(p.beta);
+        z.sub_(row_max.slice(0, r0, r1)).mul_(float_beta(p.beta));
         counts.select(1, task % again.splits).slice(0, r0, r1)
             .add_((z > cut.slice(0, r0, r1)).sum(1));
       });

@@ -44,6 +44,7 @@ class _Loaded:
 
     error: str | None = None  # why the extension is unusable, or None
     cuda_error: str | None = None  # why its CUDA kernels are not registered (CUDA builds only)
+    library: ctypes.CDLL | None = None
 
 
 def _register(library: ctypes.CDLL, function: str) -> str | None:
@@ -68,6 +69,7 @@ def load_extension() -> bool:
         if spec is None or spec.origin is None:
             raise ImportError("hen_fast._C was not built")
         library = ctypes.CDLL(spec.origin)
+        _Loaded.library = library
         failed = _register(library, "hen_fast_register_ops")
         if failed is not None:
             raise RuntimeError(f"registering its ops failed: {failed}")
@@ -101,6 +103,18 @@ def load_error() -> str | None:
 def cuda_load_error() -> str | None:
     """Why the extension's CUDA kernels are not registered, when it tried and failed."""
     return load_error() or _Loaded.cuda_error
+
+
+def instruction_set() -> str | None:
+    """The instruction set the C++ few-query pass runs with here: "avx512", "avx2" or "generic"
+    (the best this CPU has; ``HEN_FAST_CPU_ISA`` names a lower one), or None without the
+    extension. One build carries all three and picks at run time."""
+    if not load_extension():
+        return None
+    function = _Loaded.library.hen_fast_cpu_isa
+    function.restype = ctypes.c_char_p
+    function.argtypes = []
+    return function().decode()
 
 
 # Fake (meta) kernels: shapes without computing, for torch.compile and meta tensors. One per op
@@ -202,26 +216,11 @@ def auto_check(request: Request) -> str | None:
     return None
 
 
-def retrieve(
-    queries,
-    memories,
-    values=None,
-    *,
-    beta=1.0,
-    similarity="dot",
-    separation="softmax",
-    alpha=1.5,
-    degree=10,
-    steps=1,
-    tol=None,
-    clamp_mask=None,
-    return_info=False,
-    capacity=None,
-    sq_norms=None,
-):
+def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot", separation="softmax",
+             alpha=1.5, degree=10, steps=1, tol=None, clamp_mask=None, return_info=False,
+             capacity=None, sq_norms=None):  # fmt: skip
     """Same contract as :func:`hen_fast.backends.torch_backend.retrieve`; ``capacity`` is the
-    sparse candidate
-    buffer per query and split."""
+    sparse candidate buffer per query and split."""
     from ..loop import iterate
     from ..numerics import separation_alpha
     from .norms import cached_sq_norms
@@ -267,13 +266,6 @@ def retrieve(
     )
 
 
-BACKEND = Backend(
-    name="cpu",
-    retrieve=retrieve,
-    priority=10,
-    is_available=load_extension,
-    unavailable_reason=load_error,
-    check=check,
-    auto_check=auto_check,
-    hint=HINT,
-)
+BACKEND = Backend(name="cpu", retrieve=retrieve, priority=10, is_available=load_extension,
+                  unavailable_reason=load_error, check=check, auto_check=auto_check,
+                  hint=HINT)  # fmt: skip

@@ -70,8 +70,8 @@ def _unit_column_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 def retrieve(queries, memories, values=None, *, capacity=None, sq_norms=None, **kwargs):
     """Same contract as :func:`hen_fast.backends.torch_backend.retrieve`; ``capacity`` is the
-    sparse candidate
-    buffer per query (all bank splits together), ``sq_norms`` cached float32 ``||k||^2``."""
+    sparse candidate buffer per query (all bank splits together), ``sq_norms`` cached float32
+    ``||k||^2``."""
     from . import cpu
     from .norms import cached_sq_norms
 
@@ -95,13 +95,8 @@ def retrieve(queries, memories, values=None, *, capacity=None, sq_norms=None, **
     return cpu.retrieve(queries, memories, values, capacity=capacity, sq_norms=sq_norms, **kwargs)
 
 
-BACKEND = Backend(
-    name="cuda",
-    retrieve=retrieve,
-    priority=15,
-    is_available=is_available,
-    unavailable_reason=unavailable_reason,
-    check=check,
-    auto_device_types=(),  # by name only until measured on a GPU (issue 7)
-    hint=HINT,
-)
+# auto_device_types=(): "auto" picks it nowhere, by name only until the dispatch rule between it
+# and Triton comes from GPU measurements.
+BACKEND = Backend(name="cuda", retrieve=retrieve, priority=15, is_available=is_available,
+                  unavailable_reason=unavailable_reason, check=check, auto_device_types=(),
+                  hint=HINT)  # fmt: skip

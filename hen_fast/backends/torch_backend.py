@@ -23,6 +23,7 @@ from ..numerics import (
     SOFTMAX_SUPPORT_EPS,
     absolute_max_score,
     accumulation_dtype,
+    dtype_beta,
     finite_scores,
     inner_power_sum,
     newton_threshold,
@@ -111,7 +112,7 @@ def _softmax_step(stream: _BankStream, want_info: bool):
         if running_max is None:
             running_sum, acc = weights.sum(dim=1), weights @ values
         else:
-            rescale = torch.exp((running_max - new_max) * beta)
+            rescale = torch.exp((running_max - new_max) * dtype_beta(beta, new_max.dtype))
             running_sum = running_sum * rescale + weights.sum(dim=1)
             acc = acc * rescale[:, None] + weights @ values
         running_max = new_max
@@ -264,21 +265,8 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
     return out, support, argmax, lse_rel, s_max
 
 
-def _one_step(
-    x,
-    keys,
-    values,
-    *,
-    beta,
-    similarity,
-    separation,
-    alpha,
-    degree,
-    chunk_size,
-    candidates,
-    sq_norms,
-    want_info,
-):
+def _one_step(x, keys, values, *, beta, similarity, separation, alpha, degree, chunk_size,
+              candidates, sq_norms, want_info):  # fmt: skip
     stream = _BankStream(
         x, keys, values, beta=beta, similarity=similarity, chunk_size=chunk_size, sq_norms=sq_norms
     )
@@ -296,24 +284,12 @@ def _one_step(
     return out, support, argmax, lse.to(out.dtype)
 
 
-def retrieve(
-    queries: Tensor,
-    memories: Tensor,
-    values: Tensor | None = None,
-    *,
-    beta: float = 1.0,
-    similarity: str = "dot",
-    separation: str = "softmax",
-    alpha: float = 1.5,
-    degree: float = 10,
-    steps: int = 1,
-    tol: float | None = None,
-    clamp_mask: Tensor | None = None,
-    return_info: bool = False,
-    chunk_size: int | None = None,
-    candidates: int = DEFAULT_CANDIDATES,
-    sq_norms: Tensor | None = None,
-):
+def retrieve(queries: Tensor, memories: Tensor, values: Tensor | None = None, *, beta: float = 1.0,
+             similarity: str = "dot", separation: str = "softmax", alpha: float = 1.5,
+             degree: float = 10, steps: int = 1, tol: float | None = None,
+             clamp_mask: Tensor | None = None, return_info: bool = False,
+             chunk_size: int | None = None, candidates: int = DEFAULT_CANDIDATES,
+             sq_norms: Tensor | None = None):  # fmt: skip
     """Streaming exact retrieval ``Sep(beta * sim(K, X)) V`` for ``steps`` updates.
 
     Takes inputs as :func:`hen_fast.retrieve` has validated them: ``queries`` (B, d), ``memories``
@@ -334,20 +310,10 @@ def retrieve(
     chunk_size = chunk_size or default_chunk_size(num_queries, num_memories)
 
     def one_step(rows):
-        return _one_step(
-            rows,
-            memories,
-            values,
-            beta=beta,
-            similarity=similarity,
-            separation=separation,
-            alpha=alpha,
-            degree=degree,
-            chunk_size=chunk_size,
-            candidates=candidates,
-            sq_norms=sq_norms,
-            want_info=return_info,
-        )
+        return _one_step(rows, memories, values, beta=beta, similarity=similarity,
+                         separation=separation, alpha=alpha, degree=degree,
+                         chunk_size=chunk_size, candidates=candidates, sq_norms=sq_norms,
+                         want_info=return_info)  # fmt: skip
 
     return iterate(
         one_step,

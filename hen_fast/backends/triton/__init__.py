@@ -41,12 +41,5 @@ def retrieve(*args, **kwargs):
     return triton_retrieve(*args, **kwargs)
 
 
-BACKEND = Backend(
-    name="triton",
-    retrieve=retrieve,
-    priority=20,
-    is_available=is_available,
-    check=check,
-    auto_device_types=("cuda",),
-    hint=HINT,
-)
+BACKEND = Backend(name="triton", retrieve=retrieve, priority=20, is_available=is_available,
+                  check=check, auto_device_types=("cuda",), hint=HINT)  # fmt: skip

@@ -25,6 +25,21 @@ SIM_MANHATTAN: tl.constexpr = tl.constexpr(SIMILARITY["manhattan"])
 SEP_SOFTMAX: tl.constexpr = tl.constexpr(SEPARATION["softmax"])
 SEP_POLYNOMIAL: tl.constexpr = tl.constexpr(SEPARATION["polynomial"])
 SEP_ENTMAX: tl.constexpr = tl.constexpr(SEPARATION["entmax"])
+# The largest scale (beta) a kernel takes. Past float32's range beta would reach a kernel as inf,
+# and inf * 0 (the row maximum's own difference) is NaN; from about 3e38 on Triton also types the
+# argument float64 (seen in its interpreter). 1e38 gives the same limit as any larger beta: every
+# difference from the row maximum but 0 (float32 differences of scores are >= ~1e-38 * |score|)
+# goes to -inf.
+KERNEL_SCALE_MAX = 1e38
+
+
+def kernel_scale(value: float) -> float:
+    """A beta-like scale as a kernel's float32 argument (see KERNEL_SCALE_MAX)."""
+    return min(float(value), KERNEL_SCALE_MAX)
+
+
+# The same separation codes as plain ints, for the launchers (sparsemax is entmax with alpha 2).
+SOFTMAX, POLYNOMIAL, ENTMAX = SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"]
 # Rows of the bank each split covers are a multiple of this (every BLOCK_M divides it), so split
 # boundaries do not depend on the tile size an autotuner picks.
 SPLIT_ALIGN = 256
@@ -126,6 +141,14 @@ def tile_offsets(rows, cols, stride_row, stride_col):
 
 
 @triton.jit
+def load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
+    """The (rows, cols) tile at ``ptr`` in float32, 0 where a row or column is masked."""
+    offsets = tile_offsets(rows, cols, stride_row, stride_col)
+    return tl.load(ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(
+        tl.float32)
+
+
+@triton.jit
 def score_tile(
     x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd, stride_km,
     stride_kd, dim, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -164,6 +187,21 @@ def score_tile(
                 k = k.to(tl.float32)
             acc = tl.dot(x, tl.trans(k), acc, input_precision=PRECISION)
     return finish_scores(acc, norms_ptr, mems, mem_mask, SIM)
+
+
+@triton.jit
+def memory_tile(
+    m0, stop, x_ptr, k_ptr, norms_ptr, rows, row_mask, stride_xb, stride_xd, stride_km, stride_kd,
+    dim, SIM: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The memories ``m0 .. m0 + BLOCK_M`` of a pass that ends at ``stop``: their indices, which
+    of them exist, and their similarity tile (:func:`score_tile`)."""
+    mems = m0 + tl.arange(0, BLOCK_M)
+    mem_mask = mems < stop
+    s = score_tile(x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
+                   stride_km, stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION)
+    return mems, mem_mask, s
 
 
 @triton.jit

@@ -28,15 +28,17 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ENTMAX,
     LOG2E,
     SEP_ENTMAX,
     SEP_POLYNOMIAL,
     SEP_SOFTMAX,
-    SEPARATION,
     SIM_L2,
     SIM_MANHATTAN,
     SIMILARITY,
     interpreting,
+    load_tile,
+    memory_tile,
     power,
     score_tile,
     split_size,
@@ -45,9 +47,6 @@ from ._common import (
     untuned,
 )
 
-# The codes step_backward takes (hen_fast/codes.py); sparsemax is entmax with alpha 2.
-SOFTMAX, POLYNOMIAL, ENTMAX = (
-    SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"])
 # How g = excess^(q - 1) is formed for entmax: an indicator (sparsemax), excess itself (alpha
 # 1.5), or a general power.
 SLOPE_INDICATOR, SLOPE_LINEAR, SLOPE_POWER = 3, 1, 0
@@ -55,18 +54,8 @@ SLOPE_INDICATOR, SLOPE_LINEAR, SLOPE_POWER = 3, 1, 0
 
 @triton.jit
 def _weights_and_slopes(
-    s,
-    ref,
-    t,
-    row_mask,
-    beta,
-    degree,
-    alpha_minus_1,
-    q,
-    q_minus_1,
-    SEP: tl.constexpr,
-    Q_KIND: tl.constexpr,
-    G_KIND: tl.constexpr,
+    s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP: tl.constexpr,
+    Q_KIND: tl.constexpr, G_KIND: tl.constexpr,
 ):
     """(p, g = dp/dz) of a (BLOCK_B, BLOCK_M) tile of similarities s; zero outside the rows and
     the bank (s = -inf there)."""
@@ -97,20 +86,8 @@ def _weights_and_slopes(
 
 @triton.jit
 def _score_grads(
-    dout_ptr,
-    v_ptr,
-    shift,
-    rows,
-    mems,
-    row_mask,
-    mem_mask,
-    g,
-    value_dim,
-    stride_vm,
-    stride_vd,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    dout_ptr, v_ptr, shift, rows, mems, row_mask, mem_mask, g, value_dim, stride_vm, stride_vd,
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """dz = g (dout V^T - c) for a tile; dout is contiguous (B, dv)."""
     dp = tl.zeros((BLOCK_B, BLOCK_M), tl.float32)
@@ -122,11 +99,7 @@ def _score_grads(
             mask=row_mask[:, None] & col_mask[None, :],
             other=0.0,
         )
-        values = tl.load(
-            v_ptr + tile_offsets(mems, cols, stride_vm, stride_vd),
-            mask=mem_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        values = load_tile(v_ptr, mems, cols, stride_vm, stride_vd, mem_mask, col_mask)
         dp = tl.dot(dout, tl.trans(values), dp, input_precision="ieee")
     return g * (dp - shift[:, None])
 
@@ -138,37 +111,11 @@ def _sign(diff):
 
 @triton.jit
 def _slope_values_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    v_ptr,
-    ref_ptr,
-    t_ptr,
-    part_acc_ptr,
-    part_total_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    value_dim,
-    rows_per_split,
-    num_splits,
-    beta,
-    alpha_minus_1,
-    q_minus_1,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    SIM: tl.constexpr,
-    G_KIND: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, ref_ptr, t_ptr, part_acc_ptr, part_total_ptr, num_rows,
+    num_memories, dim, value_dim, rows_per_split, num_splits, beta, alpha_minus_1, q_minus_1,
+    stride_xb, stride_xd, stride_km, stride_kd, stride_vm, stride_vd, SIM: tl.constexpr,
+    G_KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (query block, bank split, value slice): sum_j g_j v_j and sum_j g_j (entmax)."""
     pid_s, pid_v = tl.program_id(1), tl.program_id(2)
@@ -183,36 +130,14 @@ def _slope_values_kernel(
     acc = tl.zeros((BLOCK_B, BLOCK_DV), tl.float32)
     total = tl.zeros((BLOCK_B,), tl.float32)
     for m0 in range(start, stop, BLOCK_M):
-        mems = m0 + tl.arange(0, BLOCK_M)
-        mem_mask = mems < stop
-        s = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
+        mems, mem_mask, s = memory_tile(
+            m0, stop, x_ptr, k_ptr, norms_ptr, rows, row_mask, stride_xb, stride_xd, stride_km,
+            stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         _, g = _weights_and_slopes(
-            s, ref, t, row_mask, beta, 1.0, alpha_minus_1, 1.0, q_minus_1, SEP_ENTMAX, 1, G_KIND
+            s, ref, t, row_mask, beta, 1.0, alpha_minus_1, 1.0, q_minus_1, SEP_ENTMAX, 1, G_KIND,
         )
-        values = tl.load(
-            v_ptr + tile_offsets(mems, cols, stride_vm, stride_vd),
-            mask=mem_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        values = load_tile(v_ptr, mems, cols, stride_vm, stride_vd, mem_mask, col_mask)
         acc = tl.dot(g, values, acc, input_precision="ieee")
         total += tl.sum(g, axis=1)
     part = rows.to(tl.int64) * num_splits + pid_s
@@ -227,41 +152,11 @@ def _slope_values_kernel(
 
 @triton.jit
 def _grad_queries_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    v_ptr,
-    ref_ptr,
-    t_ptr,
-    dout_ptr,
-    shift_ptr,
-    grad_x_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    value_dim,
-    beta,
-    scale,
-    degree,
-    alpha_minus_1,
-    q,
-    q_minus_1,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    SIM: tl.constexpr,
-    SEP: tl.constexpr,
-    Q_KIND: tl.constexpr,
-    G_KIND: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_DX: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, ref_ptr, t_ptr, dout_ptr, shift_ptr, grad_x_ptr, num_rows,
+    num_memories, dim, value_dim, beta, scale, degree, alpha_minus_1, q, q_minus_1, stride_xb,
+    stride_xd, stride_km, stride_kd, stride_vm, stride_vd, SIM: tl.constexpr, SEP: tl.constexpr,
+    Q_KIND: tl.constexpr, G_KIND: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DX: tl.constexpr, DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dx for BLOCK_B queries and BLOCK_DX of their components, streaming the whole bank."""
@@ -280,52 +175,18 @@ def _grad_queries_kernel(
         )
     acc = tl.zeros((BLOCK_B, BLOCK_DX), tl.float32)
     for m0 in range(0, num_memories, BLOCK_M):
-        mems = m0 + tl.arange(0, BLOCK_M)
-        mem_mask = mems < num_memories
-        s = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
+        mems, mem_mask, s = memory_tile(
+            m0, num_memories, x_ptr, k_ptr, norms_ptr, rows, row_mask, stride_xb, stride_xd,
+            stride_km, stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         _, g = _weights_and_slopes(
-            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
+            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND,
         )
         dz = _score_grads(
-            dout_ptr,
-            v_ptr,
-            shift,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            g,
-            value_dim,
-            stride_vm,
-            stride_vd,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_DV,
+            dout_ptr, v_ptr, shift, rows, mems, row_mask, mem_mask, g, value_dim, stride_vm,
+            stride_vd, BLOCK_B, BLOCK_M, BLOCK_DV,
         )
-        keys = tl.load(
-            k_ptr + tile_offsets(mems, dcols, stride_km, stride_kd),
-            mask=mem_mask[:, None] & dcol_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        keys = load_tile(k_ptr, mems, dcols, stride_km, stride_kd, mem_mask, dcol_mask)
         if SIM == SIM_MANHATTAN:  # d(-|x - k|)/dx = -sign(x - k)
             signs = _sign(x_slice[:, None, :] - keys[None, :, :])
             acc -= tl.sum(dz[:, :, None] * signs, axis=1)
@@ -340,43 +201,12 @@ def _grad_queries_kernel(
 
 @triton.jit
 def _grad_bank_kernel(
-    x_ptr,
-    k_ptr,
-    norms_ptr,
-    v_ptr,
-    ref_ptr,
-    t_ptr,
-    dout_ptr,
-    shift_ptr,
-    grad_ptr,
-    num_rows,
-    num_memories,
-    dim,
-    value_dim,
-    beta,
-    scale,
-    degree,
-    alpha_minus_1,
-    q,
-    q_minus_1,
-    stride_xb,
-    stride_xd,
-    stride_km,
-    stride_kd,
-    stride_vm,
-    stride_vd,
-    SIM: tl.constexpr,
-    SEP: tl.constexpr,
-    Q_KIND: tl.constexpr,
-    G_KIND: tl.constexpr,
-    VALUES: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    BLOCK_DX: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, ref_ptr, t_ptr, dout_ptr, shift_ptr, grad_ptr, num_rows,
+    num_memories, dim, value_dim, beta, scale, degree, alpha_minus_1, q, q_minus_1, stride_xb,
+    stride_xd, stride_km, stride_kd, stride_vm, stride_vd, SIM: tl.constexpr, SEP: tl.constexpr,
+    Q_KIND: tl.constexpr, G_KIND: tl.constexpr, VALUES: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DX: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dV (VALUES) or dK for BLOCK_M memories and BLOCK_DX of their columns, streaming every
     query."""
@@ -386,11 +216,7 @@ def _grad_bank_kernel(
     cols = tl.program_id(1) * BLOCK_DX + tl.arange(0, BLOCK_DX)
     col_mask = cols < width
     if not VALUES:
-        keys = tl.load(
-            k_ptr + tile_offsets(mems, cols, stride_km, stride_kd),
-            mask=mem_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
+        keys = load_tile(k_ptr, mems, cols, stride_km, stride_kd, mem_mask, col_mask)
         column_sum = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_DX), tl.float32)
     for r0 in range(0, num_rows, BLOCK_B):
@@ -399,27 +225,11 @@ def _grad_bank_kernel(
         ref = tl.load(ref_ptr + rows, mask=row_mask, other=0.0)
         t = tl.load(t_ptr + rows, mask=row_mask, other=0.0)
         s = score_tile(
-            x_ptr,
-            k_ptr,
-            norms_ptr,
-            rows,
-            mems,
-            row_mask,
-            mem_mask,
-            stride_xb,
-            stride_xd,
-            stride_km,
-            stride_kd,
-            dim,
-            SIM,
-            BLOCK_B,
-            BLOCK_M,
-            BLOCK_D,
-            DOT_F32,
-            PRECISION,
+            x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
+            stride_km, stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         p, g = _weights_and_slopes(
-            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND
+            s, ref, t, row_mask, beta, degree, alpha_minus_1, q, q_minus_1, SEP, Q_KIND, G_KIND,
         )
         if VALUES:
             dout = tl.load(
@@ -431,26 +241,10 @@ def _grad_bank_kernel(
         else:
             shift = tl.load(shift_ptr + rows, mask=row_mask, other=0.0)
             dz = _score_grads(
-                dout_ptr,
-                v_ptr,
-                shift,
-                rows,
-                mems,
-                row_mask,
-                mem_mask,
-                g,
-                value_dim,
-                stride_vm,
-                stride_vd,
-                BLOCK_B,
-                BLOCK_M,
-                BLOCK_DV,
+                dout_ptr, v_ptr, shift, rows, mems, row_mask, mem_mask, g, value_dim, stride_vm,
+                stride_vd, BLOCK_B, BLOCK_M, BLOCK_DV,
             )
-            x = tl.load(
-                x_ptr + tile_offsets(rows, cols, stride_xb, stride_xd),
-                mask=row_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            x = load_tile(x_ptr, rows, cols, stride_xb, stride_xd, row_mask, col_mask)
             if SIM == SIM_MANHATTAN:  # d(-|x - k|)/dk = sign(x - k)
                 signs = _sign(x[:, None, :] - keys[None, :, :])
                 acc += tl.sum(dz[:, :, None] * signs, axis=0)
@@ -476,21 +270,8 @@ def _column_block(width: int, similarity_code: int, config: dict) -> int:
 
 
 def step_backward(
-    grad_out,
-    x,
-    keys,
-    sq_norms,
-    values,
-    out,
-    threshold,
-    *,
-    beta,
-    similarity_code,
-    separation_code,
-    alpha,
-    degree,
-    config,
-    splits,
+    grad_out, x, keys, sq_norms, values, out, threshold, *, beta, similarity_code, separation_code,
+    alpha, degree, config, splits,
 ):
     """(grad_x, grad_keys, grad_values) in float32 for one update, from the saved forward."""
     num_rows, dim = x.shape
@@ -509,12 +290,8 @@ def step_backward(
     options["DOT_F32"] = True
     block_b, block_m = options["BLOCK_B"], options["BLOCK_M"]
     scalars = (
-        float(beta),
-        float(2 * beta if similarity_code == SIMILARITY["l2"] else beta),
-        float(degree),
-        float(alpha - 1.0),
-        q,
-        q - 1.0,
+        float(beta), float(2 * beta if similarity_code == SIMILARITY["l2"] else beta),
+        float(degree), float(alpha - 1.0), q, q - 1.0,
     )
     all_strides = (*strides(x), *strides(keys), *strides(values))
     codes = dict(SIM=similarity_code, SEP=separation_code, Q_KIND=q_kind, G_KIND=g_kind)
@@ -526,27 +303,9 @@ def step_backward(
         part_total = torch.empty(num_rows, splits, **f32)
         grid = (triton.cdiv(num_rows, block_b), splits, triton.cdiv(value_dim, options["BLOCK_DV"]))
         _slope_values_kernel[grid](
-            x,
-            keys,
-            norms,
-            values,
-            ref,
-            offset,
-            part_acc,
-            part_total,
-            num_rows,
-            num_memories,
-            dim,
-            value_dim,
-            rows_per_split,
-            splits,
-            float(beta),
-            float(alpha - 1.0),
-            q - 1.0,
-            *all_strides,
-            SIM=similarity_code,
-            G_KIND=g_kind,
-            **options,
+            x, keys, norms, values, ref, offset, part_acc, part_total, num_rows, num_memories, dim,
+            value_dim, rows_per_split, splits, float(beta), float(alpha - 1.0), q - 1.0,
+            *all_strides, SIM=similarity_code, G_KIND=g_kind, **options,
         )
         shift = (grad_out * part_acc.sum(dim=1)).sum(dim=1) / part_total.sum(dim=1)
     else:
@@ -556,24 +315,8 @@ def step_backward(
     grad_x = torch.empty(num_rows, dim, **f32)
     block_dx = _column_block(dim, similarity_code, config)
     _grad_queries_kernel[(triton.cdiv(num_rows, block_b), triton.cdiv(dim, block_dx))](
-        x,
-        keys,
-        norms,
-        values,
-        ref,
-        offset,
-        grad_out,
-        shift,
-        grad_x,
-        num_rows,
-        num_memories,
-        dim,
-        value_dim,
-        *scalars,
-        *all_strides,
-        **codes,
-        BLOCK_DX=block_dx,
-        **options,
+        x, keys, norms, values, ref, offset, grad_out, shift, grad_x, num_rows, num_memories, dim,
+        value_dim, *scalars, *all_strides, **codes, BLOCK_DX=block_dx, **options,
     )
     grads = [grad_x]
     for is_values, width in ((False, dim), (True, value_dim)):
@@ -581,24 +324,8 @@ def step_backward(
         column_code = SIMILARITY["dot"] if is_values else similarity_code
         block_cols = _column_block(width, column_code, config)
         _grad_bank_kernel[(triton.cdiv(num_memories, block_m), triton.cdiv(width, block_cols))](
-            x,
-            keys,
-            norms,
-            values,
-            ref,
-            offset,
-            grad_out,
-            shift,
-            grad,
-            num_rows,
-            num_memories,
-            dim,
-            value_dim,
-            *scalars,
-            *all_strides,
-            **codes,
-            VALUES=is_values,
-            BLOCK_DX=block_cols,
+            x, keys, norms, values, ref, offset, grad_out, shift, grad, num_rows, num_memories, dim,
+            value_dim, *scalars, *all_strides, **codes, VALUES=is_values, BLOCK_DX=block_cols,
             **options,
         )
         grads.append(grad)
@@ -626,7 +353,7 @@ class RetrieveStep(torch.autograd.Function):
     def backward(ctx, grad_out, *_):
         x, keys, values, sq_norms, out, threshold = ctx.saved_tensors
         grad_x, grad_keys, grad_values = step_backward(
-            grad_out, x, keys, sq_norms, values, out, threshold, **ctx.options
+            grad_out, x, keys, sq_norms, values, out, threshold, **ctx.options,
         )
         needs = ctx.needs_input_grad
         return (

@@ -127,9 +127,9 @@ def variants(everything: bool = False):
 
     for arch in (90, 80):
         for data in ("bf16", "fp16", "fp32"):
-            for sep in (dense.SOFTMAX, dense.POLYNOMIAL, dense.ENTMAX_WITH_TAU):
+            for sep in (_common.SOFTMAX, _common.POLYNOMIAL, dense.ENTMAX_WITH_TAU):
                 for sim in (0, 1, 2):
-                    representative = arch == 90 and data == "bf16" or sep == dense.SOFTMAX and (
+                    representative = arch == 90 and data == "bf16" or sep == _common.SOFTMAX and (
                         data != "fp16" or sim == 0)
                     if not (everything or representative):
                         continue
@@ -140,9 +140,9 @@ def variants(everything: bool = False):
     for data in ("bf16", "fp16"):  # 16-bit banks only: see dense_pass
         for sim in (0, 1):
             yield (f"dense same-kv {data} sim{sim}", dense._dense_pass_kernel,
-                   dict(tiles(sim, data), SIM=sim, SEP=dense.SOFTMAX, Q_KIND=1, SAME_KV=True,
+                   dict(tiles(sim, data), SIM=sim, SEP=_common.SOFTMAX, Q_KIND=1, SAME_KV=True,
                         BLOCK_DV=256, **tuned), data, 90, biggest.num_warps, biggest.num_stages)
-    for sep in (dense.SOFTMAX, dense.POLYNOMIAL, dense.ENTMAX_WITH_TAU):
+    for sep in (_common.SOFTMAX, _common.POLYNOMIAL, dense.ENTMAX_WITH_TAU):
         yield (f"combine sep{sep}", dense._combine_kernel,
                dict(SEP=sep, BLOCK_S=64, BLOCK_DV=128), "fp32", 90, 4, 2)
     for sim in (0, 2):
@@ -171,9 +171,11 @@ def _backward_variants(backward, tiles, everything):
     """The backward kernels as step_backward launches them (untuned: BLOCK_M 64, 4 warps, 2
     stages; float32 dot products), for each separation's weight form: softmax, polynomial, and
     entmax's slope (indicator for sparsemax, linear for alpha 1.5, a power otherwise)."""
-    forms = [("softmax", backward.SOFTMAX, 1, 3), ("polynomial", backward.POLYNOMIAL, 1, 3),
-             ("sparsemax", backward.ENTMAX, 1, 3), ("entmax1.5", backward.ENTMAX, 2, 1),
-             ("entmax", backward.ENTMAX, 0, 0)]
+    from . import _common
+
+    forms = [("softmax", _common.SOFTMAX, 1, 3), ("polynomial", _common.POLYNOMIAL, 1, 3),
+             ("sparsemax", _common.ENTMAX, 1, 3), ("entmax1.5", _common.ENTMAX, 2, 1),
+             ("entmax", _common.ENTMAX, 0, 0)]
     for arch in (90, 80):
         for data in ("bf16", "fp32"):
             for sim in (0, 1, 2):
@@ -192,7 +194,7 @@ def _backward_variants(backward, tiles, everything):
                         ("grad-values", backward._grad_bank_kernel,
                          dict(block, **codes, VALUES=True, BLOCK_DX=64)),
                     ]
-                    if sep == backward.ENTMAX:
+                    if sep == _common.ENTMAX:
                         launches.append(("slope-values", backward._slope_values_kernel,
                                          dict(block, SIM=sim, G_KIND=g_kind)))
                     for kind, kernel, constants in launches:

@@ -28,16 +28,19 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    ENTMAX,
     LOG2E,
+    POLYNOMIAL,
     SEP_ENTMAX,
     SEP_POLYNOMIAL,
     SEP_SOFTMAX,
-    SEPARATION,
     SIMILARITY,
+    SOFTMAX,
     block_and_split,
     exponent_kind,
     finish_scores,
     interpreting,
+    kernel_scale,
     power,
     safe_shift,
     score_tile,
@@ -49,21 +52,18 @@ from ._common import (
 
 # The separation codes the launchers pass (hen_fast/codes.py). ENTMAX_WITH_TAU is entmax's code:
 # this pass computes entmax only from a threshold it is given.
-SOFTMAX, POLYNOMIAL, ENTMAX_WITH_TAU = (
-    SEPARATION["softmax"], SEPARATION["polynomial"], SEPARATION["entmax"])
+ENTMAX_WITH_TAU = ENTMAX
 
 
 @triton.jit
 def _dense_pass_kernel(
-    x_ptr, k_ptr, norms_ptr, v_ptr, active_ptr, ref_ptr, tau_ptr,
-    part_max_ptr, part_sum_ptr, part_acc_ptr, part_pz_ptr, part_pa_ptr, part_count_ptr,
-    part_best_ptr, part_index_ptr,
-    num_rows, num_memories, dim, value_dim, rows_per_split, num_splits,
-    beta, degree, alpha, alpha_minus_1, q,
-    stride_xb, stride_xd, stride_km, stride_kd, stride_vm, stride_vd,
-    SIM: tl.constexpr, SEP: tl.constexpr, Q_KIND: tl.constexpr, SAME_KV: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr, k_ptr, norms_ptr, v_ptr, active_ptr, ref_ptr, tau_ptr, part_max_ptr, part_sum_ptr,
+    part_acc_ptr, part_pz_ptr, part_pa_ptr, part_count_ptr, part_best_ptr, part_index_ptr, num_rows,
+    num_memories, dim, value_dim, rows_per_split, num_splits, beta, degree, alpha, alpha_minus_1, q,
+    stride_xb, stride_xd, stride_km, stride_kd, stride_vm, stride_vd, SIM: tl.constexpr,
+    SEP: tl.constexpr, Q_KIND: tl.constexpr, SAME_KV: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_s, pid_v = tl.program_id(1), tl.program_id(2)
     rows, row_mask, start, stop = block_and_split(active_ptr, num_rows, num_memories,
@@ -163,9 +163,8 @@ def _dense_pass_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, total_ptr, top_ptr,
-    num_splits, value_dim, beta, degree,
-    SEP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+    part_max_ptr, part_sum_ptr, part_acc_ptr, out_ptr, total_ptr, top_ptr, num_splits, value_dim,
+    beta, degree, SEP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Merge one query's split states: out = sum_s w_s acc_s / sum_s w_s l_s, with w_s rescaling
     split s to the row's max (exp(beta (m_s - m)) for softmax, (m_s / m)^n for polynomial, 1
@@ -257,7 +256,7 @@ def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, sepa
         tau.float().contiguous() if entmax else part_max,
         part_max, part_sum, part_acc, part_pz, part_pa, part_count, part_best, part_index,
         num_rows, num_memories, dim, value_dim, rows_per_split, splits,
-        float(beta), float(degree), float(alpha), float(alpha - 1.0), q,
+        kernel_scale(beta), float(degree), float(alpha), float(alpha - 1.0), q,
         *strides(x), *strides(keys), *strides(values),
         SIM=similarity_code, SEP=separation_code, Q_KIND=exponent_kind(q), SAME_KV=same_kv,
         **options,
@@ -267,7 +266,7 @@ def dense_pass(x, keys, sq_norms, values, active, *, beta, similarity_code, sepa
     row_max = torch.empty(num_rows, **f32)
     block_dv = min(128, max(16, triton.next_power_of_2(value_dim)))
     _combine_kernel[(num_rows, triton.cdiv(value_dim, block_dv))](
-        part_max, part_sum, part_acc, out, total, row_max, splits, value_dim, float(beta),
+        part_max, part_sum, part_acc, out, total, row_max, splits, value_dim, kernel_scale(beta),
         float(degree), SEP=separation_code, BLOCK_S=min(64, triton.next_power_of_2(splits)),
         BLOCK_DV=block_dv,
     )

@@ -24,12 +24,9 @@ from ._common import LOG2E, dot_settings, interpreting, safe_shift, strides, til
 
 @triton.jit
 def _pair_stats_kernel(
-    z_ptr, sq_ptr, max_ptr, arg_ptr, sum_ptr, acc_ptr,
-    num_rows, dim, t,
-    stride_zm, stride_zd, stride_am, stride_ad,
-    WANT_SUM: tl.constexpr, WANT_ACC: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PRECISION: tl.constexpr,
+    z_ptr, sq_ptr, max_ptr, arg_ptr, sum_ptr, acc_ptr, num_rows, dim, t, stride_zm, stride_zd,
+    stride_am, stride_ad, WANT_SUM: tl.constexpr, WANT_ACC: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_i, pid_v = tl.program_id(0), tl.program_id(1)
     rows = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)

@@ -32,8 +32,9 @@ from ... import numerics
 from ._common import (
     block_and_split,
     exponent_kind,
+    kernel_scale,
+    memory_tile,
     power,
-    score_tile,
     split_size,
     strides,
     tile_offsets,
@@ -60,11 +61,9 @@ def _candidates_kernel(
     best = tl.full((BLOCK_B,), float("-inf"), tl.float32)
     best_index = tl.zeros((BLOCK_B,), tl.int32)
     for m0 in range(start, stop, BLOCK_M):
-        mems = m0 + tl.arange(0, BLOCK_M)
-        mem_mask = mems < stop
-        s = score_tile(
-            x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
-            stride_km, stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
+        mems, mem_mask, s = memory_tile(
+            m0, stop, x_ptr, k_ptr, norms_ptr, rows, row_mask, stride_xb, stride_xd, stride_km,
+            stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         tile_best = tl.max(s, axis=1)
         tile_index = tl.argmax(s, axis=1)
@@ -138,7 +137,7 @@ def sparse_step(
     _candidates_kernel[grid](
         x, keys, sq_norms if sq_norms is not None else part_best, active, cand_value, cand_index,
         cand_count, part_best, part_index, num_rows, num_memories, x.shape[1], rows_per_split,
-        splits, capacity, float(scale), *strides(x), *strides(keys),
+        splits, capacity, kernel_scale(scale), *strides(x), *strides(keys),
         SIM=similarity_code, **untuned({k: v for k, v in config.items() if k != "BLOCK_DV"}),
     )
     top, argmax = first_argmax(part_best, part_index)
@@ -155,7 +154,7 @@ def sparse_step(
         tau = numerics.sorted_threshold(buffered.sort(dim=1, descending=True).values, alpha)
     else:
         tau = numerics.newton_threshold(
-            numerics.row_sums(buffered, 1.0 / (alpha - 1.0)), zeros, zeros - 1.0, alpha
+            numerics.row_sums(buffered, 1.0 / (alpha - 1.0)), zeros, zeros - 1.0, alpha,
         )
     out, support, lse = _gathered(
         cand_value, cand_index, cand_count, top, tau, values, beta, alpha, capacity, config,
@@ -177,7 +176,7 @@ def sparse_step(
 
 
 def _gathered(
-    cand_value, cand_index, cand_count, top, tau, values, beta, alpha, capacity, config, want_info
+    cand_value, cand_index, cand_count, top, tau, values, beta, alpha, capacity, config, want_info,
 ):
     """Output, support and lse of every row from its buffer (exact where it did not overflow)."""
     num_rows, value_dim = cand_value.shape[0], values.shape[1]
@@ -188,7 +187,7 @@ def _gathered(
     block_dv = min(config["BLOCK_DV"], triton.next_power_of_2(value_dim))
     _gather_kernel[(num_rows, triton.cdiv(value_dim, block_dv))](
         cand_value, cand_index, cand_count, top, tau32, values, out, value_dim, capacity,
-        float(scale), q, *strides(values), Q_KIND=exponent_kind(q), BLOCK_C=32,
+        kernel_scale(scale), q, *strides(values), Q_KIND=exponent_kind(q), BLOCK_C=32,
         BLOCK_DV=block_dv,
     )
     support = lse = None

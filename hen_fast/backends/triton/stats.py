@@ -16,14 +16,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_and_split, exponent_kind, power, score_tile, split_size, strides, tuned
+from ._common import (
+    block_and_split,
+    exponent_kind,
+    kernel_scale,
+    memory_tile,
+    power,
+    split_size,
+    strides,
+    tuned,
+)
 
 
 @triton.jit
 def _threshold_stats_kernel(
     x_ptr, k_ptr, norms_ptr, active_ptr, ref_ptr, threshold_ptr, top_ptr, part_count_ptr,
-    part_sum_q_ptr, part_sum_q1_ptr, num_rows, num_memories, dim, rows_per_split, num_splits,
-    scale, q, q_minus_1, stride_xb, stride_xd, stride_km, stride_kd, SIM: tl.constexpr,
+    part_sum_q_ptr, part_sum_q1_ptr, num_rows, num_memories, dim, rows_per_split, num_splits, scale,
+    q, q_minus_1, stride_xb, stride_xd, stride_km, stride_kd, SIM: tl.constexpr,
     NEWTON: tl.constexpr, Q_KIND: tl.constexpr, Q1_KIND: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -39,11 +48,9 @@ def _threshold_stats_kernel(
     sum_q = tl.zeros((BLOCK_B,), tl.float32)
     sum_q1 = tl.zeros((BLOCK_B,), tl.float32)
     for m0 in range(start, stop, BLOCK_M):
-        mems = m0 + tl.arange(0, BLOCK_M)
-        mem_mask = mems < stop
-        s = score_tile(
-            x_ptr, k_ptr, norms_ptr, rows, mems, row_mask, mem_mask, stride_xb, stride_xd,
-            stride_km, stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
+        mems, mem_mask, s = memory_tile(
+            m0, stop, x_ptr, k_ptr, norms_ptr, rows, row_mask, stride_xb, stride_xd, stride_km,
+            stride_kd, dim, SIM, BLOCK_B, BLOCK_M, BLOCK_D, DOT_F32, PRECISION,
         )
         y = scale * (s - ref[:, None])
         count += tl.sum((y > threshold[:, None]).to(tl.int32), axis=1)
@@ -85,7 +92,7 @@ def threshold_stats(
         x, keys, sq_norms if sq_norms is not None else part_sum_q, active,
         ref.float().contiguous(), threshold, top.float().contiguous() if newton else threshold,
         part_count, part_sum_q, part_sum_q1, num_rows, num_memories, dim, rows_per_split, splits,
-        float(scale), q, q - 1, *strides(x), *strides(keys), SIM=similarity_code,
+        kernel_scale(scale), q, q - 1, *strides(x), *strides(keys), SIM=similarity_code,
         NEWTON=newton, Q_KIND=exponent_kind(q), Q1_KIND=3 if q == 1.0 else exponent_kind(q - 1.0),
         **options,
     )
