@@ -52,6 +52,9 @@ namespace {
 #include "few_queries_kernel.h"
 }  // namespace
 void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
+void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
+  run_scores(a, m0, m1, out, stride);
+}
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
@@ -62,6 +65,9 @@ namespace {
 #include "few_queries_kernel.h"
 }  // namespace
 void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
+void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
+  run_scores(a, m0, m1, out, stride);
+}
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
@@ -70,6 +76,9 @@ namespace {
 #include "few_queries_kernel.h"
 }  // namespace
 void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
+void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
+  run_scores(a, m0, m1, out, stride);
+}
 }  // namespace isa_generic
 
 namespace {
@@ -110,6 +119,15 @@ void few_query_softmax_pass(const FewQueryArgs& args, int64_t m0, int64_t m1,
     case kAvx512: isa_avx512::pass(args, m0, m1, state); break;
     case kAvx2: isa_avx2::pass(args, m0, m1, state); break;
     default: isa_generic::pass(args, m0, m1, state);
+  }
+}
+
+void few_query_scores(const FewQueryArgs& args, int64_t m0, int64_t m1, float* out,
+                      int64_t out_stride) {
+  switch (chosen_isa()) {
+    case kAvx512: isa_avx512::scores(args, m0, m1, out, out_stride); break;
+    case kAvx2: isa_avx2::scores(args, m0, m1, out, out_stride); break;
+    default: isa_generic::scores(args, m0, m1, out, out_stride);
   }
 }
 

@@ -43,6 +43,11 @@ bool few_query_pass_applies(int64_t rows, int64_t dim, int64_t value_dim);
 void few_query_softmax_pass(const FewQueryArgs& args, int64_t m0, int64_t m1,
                             FewQueryState& state);
 
+// The clamped similarities of every query to memories [m0, m1) (l2 as 2 x.k - ||k||^2,
+// manhattan negated), query q's at out[q * out_stride + (m - m0)]; values are not read.
+void few_query_scores(const FewQueryArgs& args, int64_t m0, int64_t m1, float* out,
+                      int64_t out_stride);
+
 // The instruction set the pass runs with: "avx512", "avx2" or "generic" (the best this CPU has,
 // or HEN_FAST_CPU_ISA when it names one the CPU has).
 const char* few_query_isa();

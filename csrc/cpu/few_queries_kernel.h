@@ -150,6 +150,37 @@ static void softmax_pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQuery
   }
 }
 
+// Clamped similarities of every query to memories [m0, m1), query q's at out[q * out_stride + j].
+template <int SIM, int KIND>
+static void scores_only(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out,
+                        int64_t out_stride) {
+  const int64_t B = a.rows, d = a.dim;
+  float key_buffer[kMaxDimBuffer];
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* k = row_as_float<KIND>(a.keys, a.key_stride, m, d, key_buffer);
+    const float norm = SIM == kSimL2 ? a.neg_norms[m] : 0.f;
+    for (int64_t q = 0; q < B; q += 4) {
+      score_row<SIM>(a.x + q * d, B - q < 4 ? B - q : 4, k, d, norm, out + q * out_stride + (m - m0),
+                     out_stride);
+    }
+  }
+}
+
+template <int KIND>
+static void scores_for(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out,
+                       int64_t out_stride) {
+  if (a.similarity == kSimDot) scores_only<kSimDot, KIND>(a, m0, m1, out, out_stride);
+  else if (a.similarity == kSimL2) scores_only<kSimL2, KIND>(a, m0, m1, out, out_stride);
+  else scores_only<kSimManhattan, KIND>(a, m0, m1, out, out_stride);
+}
+
+static void run_scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out,
+                       int64_t out_stride) {
+  if (a.kind == kKindFloat32) scores_for<kKindFloat32>(a, m0, m1, out, out_stride);
+  else if (a.kind == kKindBFloat16) scores_for<kKindBFloat16>(a, m0, m1, out, out_stride);
+  else scores_for<kKindFloat16>(a, m0, m1, out, out_stride);
+}
+
 template <int KIND>
 static void softmax_pass_for(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) {
   if (a.similarity == kSimDot) softmax_pass<kSimDot, KIND>(a, m0, m1, st);

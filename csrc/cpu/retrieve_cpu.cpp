@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -69,11 +70,35 @@ struct Problem {
   double degree;
 };
 
+// The few-query kernels' view of queries [r0, r1) (few_queries.h), where they apply: at most
+// kFewQueries rows, d and dv within their buffers, float32/bfloat16/float16 keys with unit column
+// stride (values of the keys' dtype and layout for the softmax pass; they are not read for
+// scores). Else nothing, and the tiled BLAS path computes.
+std::optional<FewQueryArgs> few_query_args(const Problem& p, int64_t r0, int64_t r1) {
+  const int64_t d = p.x.size(1), dv = p.values.size(1);
+  if (!few_query_pass_applies(r1 - r0, d, dv) || p.keys.stride(1) != 1) return std::nullopt;
+  int kind;
+  const auto dtype = p.keys.scalar_type();
+  if (dtype == at::kFloat) kind = kKindFloat32;
+  else if (dtype == at::kBFloat16) kind = kKindBFloat16;
+  else if (dtype == at::kHalf) kind = kKindFloat16;
+  else return std::nullopt;
+  return FewQueryArgs{p.x.data_ptr<float>() + r0 * d, r1 - r0, d, p.keys.data_ptr(),
+                      p.keys.stride(0), p.values.data_ptr(), p.values.stride(0), dv,
+                      p.similarity == kL2 ? p.norms.data_ptr<float>() : nullptr, kind,
+                      p.similarity, p.beta};
+}
+
 // sim for queries [r0, r1) against memories [m0, m1), into `scores` (rows x cols), clamped to
 // float's finite range. p.x_scaled is x (dot) or 2 x (l2) and p.norms holds -||k||^2, so one
 // BLAS call (addmm) writes them; beta is applied later, to differences from the row maximum.
 void score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                 at::Tensor& scores) {
+  if (auto args = few_query_args(p, r0, r1)) {
+    // Few queries: each key row read once for all of them, no float copy of the tile.
+    few_query_scores(*args, m0, m1, scores.data_ptr<float>(), scores.stride(0));
+    return;
+  }
   auto keys = p.keys.slice(0, m0, m1).to(at::kFloat).contiguous();
   if (p.similarity == kManhattan) {
     auto x = p.x.slice(0, r0, r1);
@@ -173,22 +198,12 @@ using StepOutputs = RetrieveStepResult;  // csrc/common/ops.h
 // keys and values of different dtypes or with strided columns, or a non-finite query (whose NaN
 // the tiled path carries to its output).
 bool few_query_pass(const Problem& p, const Tasks& tasks, Partials& part) {
-  const int64_t rows = p.x.size(0), d = p.x.size(1), dv = p.values.size(1);
-  if (tasks.blocks != 1 || !few_query_pass_applies(rows, d, dv)) return false;
-  const auto dtype = p.keys.scalar_type();
-  if (dtype != p.values.scalar_type() || p.keys.stride(1) != 1 || p.values.stride(1) != 1) {
-    return false;
-  }
-  int kind;
-  if (dtype == at::kFloat) kind = kKindFloat32;
-  else if (dtype == at::kBFloat16) kind = kKindBFloat16;
-  else if (dtype == at::kHalf) kind = kKindFloat16;
-  else return false;
+  const int64_t rows = p.x.size(0), dv = p.values.size(1);
+  const auto args_or_none = few_query_args(p, 0, rows);
+  if (tasks.blocks != 1 || !args_or_none) return false;
+  if (p.values.scalar_type() != p.keys.scalar_type() || p.values.stride(1) != 1) return false;
   if (!p.x.isfinite().all().item<bool>()) return false;
-  const FewQueryArgs args{p.x.data_ptr<float>(), rows, d, p.keys.data_ptr(), p.keys.stride(0),
-                          p.values.data_ptr(), p.values.stride(0), dv,
-                          p.similarity == kL2 ? p.norms.data_ptr<float>() : nullptr, kind,
-                          p.similarity, p.beta};
+  const FewQueryArgs& args = *args_or_none;
   const int64_t splits = tasks.splits;
   float *max = part.max.data_ptr<float>(), *sum = part.sum.data_ptr<float>(),
         *acc = part.acc.data_ptr<float>(), *best = part.best.data_ptr<float>();
