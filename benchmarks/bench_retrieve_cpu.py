@@ -18,9 +18,8 @@ import torch
 
 import hen_fast
 from hen_fast.backends import torch_backend
-from hen_fast.profiling import peak_extra_bytes
 
-from side_by_side import print_ratios, time_case
+from side_by_side import SideBySide
 
 B, M, D = 64, 100_000, 256
 BETA = D**-0.5
@@ -77,36 +76,25 @@ CASES = {
     "entmax15/cpu kernel": ("entmax15", _cpu(separation="entmax", alpha=1.5)),
     "entmax15/torch streamed": ("entmax15", _ours(STREAM_CHUNK, separation="entmax", alpha=1.5)),
 }
-_times: dict[str, float] = {}
-_peaks: dict[str, int] = {}
-
-
-@pytest.fixture(scope="module")
-def peaks():
-    _peaks.update(zip(CASES, peak_extra_bytes(SETUP, [expr for _, expr in CASES.values()])))
-    return _peaks
+TABLE = SideBySide(SETUP, CASES)
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    namespace = {"torch": torch, "torch_backend": torch_backend, "hen_fast": hen_fast}
-    namespace["entmax"] = pytest.importorskip("entmax")
-    exec(SETUP.replace("import torch, entmax, hen_fast", ""), namespace)
-    return namespace
+    pytest.importorskip("entmax")
+    return TABLE.prepare()
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_retrieve(benchmark, inputs, peaks, name):
-    separation, expression = CASES[name]
-    _times[name] = time_case(
-        benchmark, name, separation, expression, inputs, peaks[name], rounds=5, warmup=1,
-        B=B, M=M, d=D, dtype="float32", beta=BETA,
-    )  # fmt: skip
+def test_retrieve(benchmark, inputs, name):
+    TABLE.time(
+        benchmark, name, inputs, rounds=5, warmup=1, B=B, M=M, d=D, dtype="float32", beta=BETA
+    )
 
 
 def teardown_module():
     title = f"B={B} M={M} d={D} float32, {torch.get_num_threads()} threads (median of 5)"
-    print_ratios(title, CASES, _times, _peaks)
+    TABLE.print_ratios(title)
 
 
 @pytest.mark.parametrize("num_memories", [10_000, 100_000])

@@ -17,9 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hen_fast.profiling import peak_extra_bytes
-
-from side_by_side import print_ratios, time_case
+from side_by_side import SideBySide
 
 M, D = 5000, 784
 
@@ -48,35 +46,22 @@ CASES = {
     ),
     "average forward/fused": ("average forward", "separation_loss(z.detach())"),
 }
-_times: dict[str, float] = {}
-_peaks: dict[str, int] = {}
-
-
-@pytest.fixture(scope="module")
-def peaks():
-    _peaks.update(zip(CASES, peak_extra_bytes(SETUP, [expr for _, expr in CASES.values()])))
-    return _peaks
+TABLE = SideBySide(SETUP, CASES)
 
 
 @pytest.fixture(scope="module")
 def inputs():
-    namespace: dict = {}
-    exec(SETUP, namespace)
-    return namespace
+    return TABLE.prepare()
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_separation_loss(benchmark, inputs, peaks, name):
-    group, expression = CASES[name]
-    _times[name] = time_case(
-        benchmark, name, group, expression, inputs, peaks[name], rounds=3, warmup=0,
-        M=M, D=D, dtype="float32",
-    )  # fmt: skip
+def test_separation_loss(benchmark, inputs, name):
+    TABLE.time(benchmark, name, inputs, rounds=3, warmup=0, M=M, D=D, dtype="float32")
 
 
 def teardown_module():
     title = f"M={M} D={D} float32, {torch.get_num_threads()} threads (median of 3)"
-    print_ratios(title, CASES, _times, _peaks)
+    TABLE.print_ratios(title)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -86,23 +86,17 @@ def main(argv=None) -> int:
         backends = ["triton"] + (["cuda"] if cuda_backend.is_available() else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     records, failed = [], 0
+    bank = dict(M=args.M, d=args.d, dtype="bfloat16")  # in every record
     for similarity, separation, alpha in CASES:
         for beta in (BETA[similarity], 1e30):
             expected, weights = oracle(queries, keys, beta, similarity, separation, alpha)
             support = (weights > 0).sum(1).tolist()
+            case = dict(similarity=similarity, separation=separation, alpha=alpha, beta=beta)
             for backend in backends:
                 sync()
                 start = time.perf_counter()
                 try:
-                    out = hen_fast.retrieve(
-                        queries,
-                        keys,
-                        beta=beta,
-                        similarity=similarity,
-                        separation=separation,
-                        alpha=alpha,
-                        backend=backend,
-                    )
+                    out = hen_fast.retrieve(queries, keys, **case, backend=backend)
                     sync()
                     err = float((out.double() - expected).abs().max() / keys.abs().max().double())
                     if out.isnan().any():
@@ -113,22 +107,8 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 ok = err <= 1e-2
                 failed += not ok
-                record = dict(
-                    backend=backend,
-                    similarity=similarity,
-                    separation=separation,
-                    alpha=alpha,
-                    beta=beta,
-                    M=args.M,
-                    d=args.d,
-                    dtype="bfloat16",
-                    rel_err=err,
-                    ok=ok,
-                    support=support,
-                    seconds=seconds,
-                    note=note,
-                )
-                records.append(record)
+                outcome = dict(rel_err=err, ok=ok, support=support, seconds=seconds, note=note)
+                records.append(dict(backend=backend, **case, **bank, **outcome))
                 print(
                     f"{'ok  ' if ok else 'FAIL'} {backend:6s} {similarity:9s} {separation:10s} "
                     f"beta={beta:<8g} err={err:.2e} support={support} {seconds:.2f}s {note}",

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import hen_fast
 from hen_fast import datasets, encoders
-from hen_fast.encoders.shipped import WEIGHTS_DIR
+from hen_fast.encoders.shipped import WEIGHTS_DIR, autoencoder_config
 
 MODELS = {
     "mnist-kl": ("mnist", "AutoencoderKL"),
@@ -54,21 +54,8 @@ STEPS_GRID = (1, 3)
 
 def model_config(dataset: str, model_class: str) -> dict:
     channels, size = DATA_SHAPES[dataset]
-    config = dict(
-        in_channels=channels,
-        out_channels=channels,
-        down_block_types=["DownEncoderBlock2D"] * 3,
-        up_block_types=["UpDecoderBlock2D"] * 3,
-        block_out_channels=[16, 32, 32],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=size,
-        mid_block_add_attention=False,
-    )
-    if model_class == "VQModel":
-        config.update(num_vq_embeddings=NUM_CODES, vq_embed_dim=4)
-    return config
+    vq = dict(num_vq_embeddings=NUM_CODES, vq_embed_dim=4) if model_class == "VQModel" else {}
+    return autoencoder_config(channels, size, **vq)
 
 
 def training_images(dataset: str, split: str) -> torch.Tensor:

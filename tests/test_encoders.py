@@ -12,27 +12,16 @@ import torch
 
 from hen_fast import datasets, encoders
 from hen_fast.encoders.diffusers_models import ModelNotFoundError
-from hen_fast.encoders.shipped import WEIGHTS_DIR, shipped_info, shipped_present
+from hen_fast.encoders.shipped import WEIGHTS_DIR, autoencoder_config, shipped_info, shipped_present
 
 from helpers import randint
 
-# 3 blocks of tiny widths: downsampling by 4, 4 latent channels (the shipped models' shape).
-TINY_DIFFUSERS = dict(
-    down_block_types=["DownEncoderBlock2D"] * 3,
-    up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[8, 8, 16],
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=4,
-    mid_block_add_attention=False,
-)
 TINY_DALLE = dict(vocab_size=16, width=8, init_channels=8, blocks_per_group=1)
 
 
 def tiny_config(channels=3, size=28, **extra):
-    return dict(
-        TINY_DIFFUSERS, in_channels=channels, out_channels=channels, sample_size=size, **extra
-    )
+    """The shipped models' architecture (downsampling by 4, 4 latent channels) at tiny widths."""
+    return autoencoder_config(channels, size, widths=(8, 8, 16), norm_groups=4, **extra)
 
 
 def random_images(gen, n=None, channels=1, size=(28, 28)):

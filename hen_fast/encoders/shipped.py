@@ -16,6 +16,27 @@ from .._extras import require
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 
+def autoencoder_config(
+    channels: int, size: int, widths=(16, 32, 32), norm_groups: int = 8, **extra
+) -> dict:
+    """The diffusers config of the shipped autoencoders' architecture (``AutoencoderKL`` or, with
+    ``num_vq_embeddings`` in ``extra``, ``VQModel``): 3 blocks of ``widths`` channels, downsampling
+    by 4, 4 latent channels, no attention. The tests build the same architecture at tiny widths."""
+    return dict(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=list(widths),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=norm_groups,
+        sample_size=size,
+        mid_block_add_attention=False,
+        **extra,
+    )
+
+
 def weights_paths(name: str) -> tuple[Path, Path]:
     return WEIGHTS_DIR / f"{name}.safetensors", WEIGHTS_DIR / f"{name}.json"
 

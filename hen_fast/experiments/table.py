@@ -49,6 +49,12 @@ def _recall(latents, cue_latents, size, similarity, beta, steps, encoder, refere
     return {**scores, "seconds": seconds}
 
 
+def _row(encoder, method, similarity, size, beta, steps, scores: dict) -> dict:
+    """One row of the table: the setting, then its scores (MSE, 1-SSIM, exact recall, seconds)."""
+    setting = dict(encoder=encoder, method=method, similarity=similarity, size=size, beta=beta)
+    return {**setting, "steps": steps, **scores}
+
+
 def _best(results: dict) -> float:
     """The beta with the highest exact recall, then the lowest MSE."""
     return max(results, key=lambda beta: (results[beta]["exact"], -results[beta]["mse"]))
@@ -80,35 +86,16 @@ def run_table1(args) -> int:
                 scores = _recall(
                     latents, cue_latents, size, similarity, beta, args.steps, encoder, reference
                 )
-                rows.append(
-                    dict(
-                        encoder=name,
-                        method="hen",
-                        similarity=similarity,
-                        size=size,
-                        beta=beta,
-                        steps=args.steps,
-                        **scores,
-                    )
-                )
+                rows.append(_row(name, "hen", similarity, size, beta, args.steps, scores))
                 network = HopfieldEncodingNetwork(
                     encoder, beta=beta, similarity=similarity, steps=args.steps, progress=False
                 )
                 network.store(images[:size])
                 recalled, seconds = common.timed(network.recall, cues[:size], known[:size])
                 indices = network.recall_indices(cues[:size], known[:size])
-                rows.append(
-                    dict(
-                        encoder=name,
-                        method="hen+known",
-                        similarity=similarity,
-                        size=size,
-                        beta=beta,
-                        steps=args.steps,
-                        seconds=seconds,
-                        **common.recall_scores(recalled, indices, reference[:size]),
-                    )
-                )
+                scores = common.recall_scores(recalled, indices, reference[:size])
+                scores = {"seconds": seconds, **scores}
+                rows.append(_row(name, "hen+known", similarity, size, beta, args.steps, scores))
         rows.extend(_kmn_rows(name, encoder, latents, cue_latents, reference, sizes, args))
     record = {"data": args.data, "cues": "lower half hidden", "rows": rows}
     out = Path(args.out)
@@ -130,16 +117,7 @@ def _kmn_rows(name, encoder, latents, cue_latents, reference, sizes, args) -> li
 
     beta = _best({beta: run(sizes[0], beta) for beta in args.kmn_betas})
     return [
-        dict(
-            encoder=name,
-            method="kmn",
-            similarity="exp-kernel",
-            size=size,
-            beta=beta,
-            steps=args.steps,
-            **run(size, beta),
-        )
-        for size in sizes
+        _row(name, "kmn", "exp-kernel", size, beta, args.steps, run(size, beta)) for size in sizes
     ]
 
 

@@ -6,23 +6,33 @@ import sys
 from pathlib import Path
 
 DEFAULT_OUT = "results/uhop"
+# Options passed on to the experiment functions under the same names (where a command has them).
+SETTINGS = ("steps", "t", "lr", "beta")
 
 
 def add_commands(subparsers) -> None:
     """Adds uhop-capacity, uhop-noise, uhop-iterations and uhop-loss-error."""
 
-    def common(parser, size: int | None = 100):
+    def command(name: str, run, summary: str, size: int | None = 100, lr: bool = True):
+        """A uhop-* parser with the options its experiment shares with the others."""
+        parser = subparsers.add_parser(name, help=summary)
         parser.add_argument("--dataset", choices=("mnist", "patches"), default="mnist")
         parser.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and PNG")
         parser.add_argument("--beta", type=float, default=1.0)
         parser.add_argument("--t", type=float, default=2.0, help="separation-loss scale")
         if size is not None:
             parser.add_argument("--size", type=int, default=size, help="memory-set size M")
+        if lr:
+            parser.add_argument("--lr", type=float, default=1.0, help="Stage I learning rate")
+        parser.set_defaults(run=run, extra="uhop")
+        return parser
 
-    capacity = subparsers.add_parser(
-        "uhop-capacity", help="U-Hop vs baselines: error against memory-set size (50%% masked)"
+    capacity = command(
+        "uhop-capacity",
+        _run_capacity,
+        "U-Hop vs baselines: error against memory-set size (50%% masked)",
+        size=None,
     )
-    common(capacity, size=None)
     capacity.add_argument("--sizes", type=int, nargs="+", default=[10, 20, 30, 50, 100, 200, 500])
     capacity.add_argument(
         "--repeats",
@@ -32,33 +42,34 @@ def add_commands(subparsers) -> None:
         help="repeats, one number for all sizes or one per size",
     )
     capacity.add_argument("--steps", type=int, default=100, help="Stage I iterations N")
-    capacity.add_argument("--lr", type=float, default=1.0)
-    capacity.set_defaults(run=_run_capacity, extra="uhop")
 
-    noise = subparsers.add_parser("uhop-noise", help="U-Hop vs baselines: error against noise")
-    common(noise)
+    noise = command("uhop-noise", _run_noise, "U-Hop vs baselines: error against noise")
     noise.add_argument("--levels", type=float, nargs="+", default=None)
     noise.add_argument("--repeats", type=int, default=20)
-    noise.add_argument("--steps", type=int, default=100)
-    noise.add_argument("--lr", type=float, default=1.0)
-    noise.set_defaults(run=_run_noise, extra="uhop")
+    noise.add_argument("--steps", type=int, default=100, help="Stage I iterations N")
 
-    iters = subparsers.add_parser(
-        "uhop-iterations", help="U-Hop's error and loss against Stage I iterations N (Fig. 5)"
+    iters = command(
+        "uhop-iterations",
+        _run_iterations,
+        "U-Hop's error and loss against Stage I iterations N (Fig. 5)",
     )
-    common(iters)
     iters.add_argument("--checkpoints", type=int, nargs="+", default=None)
     iters.add_argument("--repeats", type=int, default=5)
-    iters.add_argument("--lr", type=float, default=1.0)
-    iters.set_defaults(run=_run_iterations, extra="uhop")
 
-    loss_error = subparsers.add_parser(
-        "uhop-loss-error", help="U-Hop's error against its separation loss (Fig. 7)"
+    loss_error = command(
+        "uhop-loss-error",
+        _run_loss_error,
+        "U-Hop's error against its separation loss (Fig. 7)",
+        lr=False,  # each run draws its own
     )
-    common(loss_error)
     loss_error.add_argument("--runs", type=int, default=50)
     loss_error.add_argument("--max-steps", type=int, default=200)
-    loss_error.set_defaults(run=_run_loss_error, extra="uhop")
+
+
+def _settings(args) -> dict:
+    """The Stage I and retrieval settings the command has options for, as the experiment's
+    keyword arguments."""
+    return {name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}
 
 
 def _finish(result, args) -> int:
@@ -88,9 +99,7 @@ def _run_capacity(args) -> int:
     if not (_positive("sizes", args.sizes, 2) and _positive("repeats", args.repeats)):
         return 2
     repeats = args.repeats[0] if len(args.repeats) == 1 else args.repeats
-    result = experiments.capacity(
-        args.dataset, args.sizes, repeats, steps=args.steps, t=args.t, lr=args.lr, beta=args.beta
-    )
+    result = experiments.capacity(args.dataset, args.sizes, repeats, **_settings(args))
     return _finish(result, args)
 
 
@@ -100,16 +109,7 @@ def _run_noise(args) -> int:
     levels = args.levels or list(experiments.PAPER_NOISE_LEVELS)
     if not (_positive("size", [args.size], 2) and _positive("repeats", [args.repeats])):
         return 2
-    result = experiments.noise(
-        args.dataset,
-        args.size,
-        levels,
-        args.repeats,
-        steps=args.steps,
-        t=args.t,
-        lr=args.lr,
-        beta=args.beta,
-    )
+    result = experiments.noise(args.dataset, args.size, levels, args.repeats, **_settings(args))
     return _finish(result, args)
 
 
@@ -124,7 +124,7 @@ def _run_iterations(args) -> int:
     ):
         return 2
     result = experiments.iterations(
-        args.dataset, args.size, checkpoints, args.repeats, t=args.t, lr=args.lr, beta=args.beta
+        args.dataset, args.size, checkpoints, args.repeats, **_settings(args)
     )
     return _finish(result, args)
 
@@ -139,6 +139,6 @@ def _run_loss_error(args) -> int:
     ):
         return 2
     result = experiments.loss_vs_error(
-        args.dataset, args.size, args.runs, max_steps=args.max_steps, t=args.t, beta=args.beta
+        args.dataset, args.size, args.runs, max_steps=args.max_steps, **_settings(args)
     )
     return _finish(result, args)

@@ -32,6 +32,7 @@ PAPER_SIZES = (10, 20, 30, 50, 100, 200, 500)
 PAPER_NOISE_LEVELS = (0.0, 0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 1.0, 1.2, 1.4, 2.0)
 PAPER_ITERATIONS = (1, 10, 20, 50, 100, 200, 500, 1000)
 PLOT_FLOOR = 1e-4
+MASKED = "50% of entries masked"  # the query of every experiment but noise
 
 
 def load_patterns(dataset: str) -> torch.Tensor:
@@ -102,20 +103,8 @@ def capacity(
         feature_map = _fit(memories, r, t=t, steps=steps, lr=lr)
         errors = evaluate(masked_queries(memories, seed=r), memories, feature_map, models, beta)
         records.append(dict(size=size, repeat=r, loss=feature_map.final_loss, errors=errors))
-    return _result(
-        "capacity",
-        dataset,
-        records,
-        dict(
-            sizes=list(sizes),
-            repeats=counts,
-            steps=steps,
-            t=t,
-            lr=lr,
-            beta=beta,
-            query="50% of entries masked",
-        ),
-    )
+    settings = dict(sizes=list(sizes), repeats=counts, steps=steps, t=t, lr=lr, beta=beta)
+    return _result("capacity", dataset, records, settings, MASKED)
 
 
 def noise(
@@ -133,6 +122,7 @@ def noise(
 ) -> dict:
     """Error against the noise level (noise norm / pattern norm) at a fixed size (Fig. 3 right)."""
     patterns = load_patterns(dataset)
+    levels = list(levels)
     records = []
     for r in _bar(range(repeats), f"noise {dataset}", progress):
         memories = _subset(patterns, size, seed=1000 * size + r)
@@ -141,21 +131,9 @@ def noise(
             queries = noisy_queries(memories, level, seed=r)
             errors = evaluate(queries, memories, feature_map, models, beta)
             records.append(dict(level=level, repeat=r, errors=errors))
-    return _result(
-        "noise",
-        dataset,
-        records,
-        dict(
-            size=size,
-            levels=list(levels),
-            repeats=repeats,
-            steps=steps,
-            t=t,
-            lr=lr,
-            beta=beta,
-            query="pattern + Gaussian noise of norm level x ||pattern||",
-        ),
-    )
+    settings = dict(size=size, levels=levels, repeats=repeats, steps=steps, t=t, lr=lr, beta=beta)
+    query = "pattern + Gaussian noise of norm level x ||pattern||"
+    return _result("noise", dataset, records, settings, query)
 
 
 def iterations(
@@ -181,20 +159,8 @@ def iterations(
                 )
 
         _fit(memories, r, t=t, steps=max(checkpoints), lr=lr, callback=record)
-    return _result(
-        "iterations",
-        dataset,
-        records,
-        dict(
-            size=size,
-            checkpoints=checkpoints,
-            repeats=repeats,
-            t=t,
-            lr=lr,
-            beta=beta,
-            query="50% of entries masked",
-        ),
-    )
+    settings = dict(size=size, checkpoints=checkpoints, repeats=repeats, t=t, lr=lr, beta=beta)
+    return _result("iterations", dataset, records, settings, MASKED)
 
 
 def loss_vs_error(
@@ -215,21 +181,9 @@ def loss_vs_error(
         feature_map = _fit(memories, r, t=t, steps=steps, lr=lr)
         errors = evaluate(queries, memories, feature_map, ["uhop"], beta)
         records.append(dict(run=r, lr=lr, steps=steps, loss=feature_map.final_loss, errors=errors))
-    return _result(
-        "loss_vs_error",
-        dataset,
-        records,
-        dict(
-            size=size,
-            runs=runs,
-            max_steps=max_steps,
-            t=t,
-            beta=beta,
-            seed=seed,
-            query="50% of entries masked",
-            memory_set="one set for all runs",
-        ),
-    )
+    settings = dict(size=size, runs=runs, max_steps=max_steps, t=t, beta=beta, seed=seed)
+    memory_set = "one set for all runs"
+    return _result("loss_vs_error", dataset, records, settings, MASKED, memory_set=memory_set)
 
 
 def _bar(items, desc: str, progress):
@@ -251,11 +205,13 @@ def _normalised_loss(feature_map: FeatureMap, memories, t: float) -> float:
         return float(separation_loss(features, t))
 
 
-def _result(kind, dataset, records, settings) -> dict:
+def _result(kind, dataset, records, settings: dict, query: str, **more_settings) -> dict:
+    """The JSON record of one experiment: its settings (the arguments, then how the queries were
+    made and ``more_settings``), records, summary and the machine."""
     return dict(
         experiment=kind,
         dataset=dataset,
-        settings=settings,
+        settings={**settings, "query": query, **more_settings},
         records=records,
         summary=summarise(kind, records),
         machine=dict(

@@ -16,12 +16,12 @@ Normalisation (the choices that make U-Hop work on images):
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import check_int, check_point_set, check_positive
 from .loss import SEPARATION_REDUCTIONS, separation_loss
 
 OPTIMIZERS = ("sgd", "adam")
@@ -98,12 +98,12 @@ def fit_feature_map(
     Returns:
         a :class:`FeatureMap` on the memories' device (float64 for float64 memories, else float32).
     """
-    _check_memories(memories)
-    steps = _check_int("steps", steps, minimum=0)
-    lr = _check_positive("lr", lr)
-    _check_positive("t", t)
+    check_point_set("memories", memories, shape="(M, d)", pairs="patterns to separate")
+    steps = check_int("steps", steps, minimum=0)
+    lr = check_positive("lr", lr)
+    check_positive("t", t)
     dim = memories.shape[1]
-    out_dim = dim if out_dim is None else _check_int("out_dim", out_dim, minimum=1)
+    out_dim = dim if out_dim is None else check_int("out_dim", out_dim, minimum=1)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if loss not in SEPARATION_REDUCTIONS:
@@ -142,32 +142,3 @@ def fit_feature_map(
     feature_map.normalize = bool(normalize_output)
     feature_map.weight.requires_grad_(False)
     return feature_map
-
-
-def _check_memories(memories) -> None:
-    if not isinstance(memories, Tensor):
-        raise TypeError(f"memories must be a torch.Tensor, got {type(memories).__name__}")
-    if not memories.is_floating_point():
-        raise TypeError(f"memories must be a floating-point tensor, got {memories.dtype}")
-    if memories.dim() != 2:
-        raise ValueError(f"memories must have shape (M, d), got {tuple(memories.shape)}")
-    if memories.shape[0] < 2:
-        raise ValueError(
-            f"memories must hold at least 2 patterns to separate, got {memories.shape[0]}"
-        )
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)

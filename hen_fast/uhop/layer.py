@@ -25,7 +25,6 @@ with its O(M D^2) memory, never M x M.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from .. import numerics
 from ..backends import torch_backend
+from .checks import check_int, check_positive
 from .feature_map import FeatureMap
 from .loss import separation_loss
 
@@ -80,17 +80,17 @@ class UHopHopfieldLayer(nn.Module):
         generator: torch.Generator | None = None,
     ):
         super().__init__()
-        in_dim = _positive_int("in_dim", in_dim)
+        in_dim = check_int("in_dim", in_dim)
         feature_dim = in_dim if feature_dim is None or not uhop else feature_dim
-        feature_dim = _positive_int("feature_dim", feature_dim)
-        hidden_dim = _positive_int("hidden_dim", feature_dim if hidden_dim is None else hidden_dim)
-        out_dim = _positive_int("out_dim", in_dim if out_dim is None else out_dim)
+        feature_dim = check_int("feature_dim", feature_dim)
+        hidden_dim = check_int("hidden_dim", feature_dim if hidden_dim is None else hidden_dim)
+        out_dim = check_int("out_dim", in_dim if out_dim is None else out_dim)
         if separation not in LAYER_SEPARATIONS:
             raise ValueError(f"separation must be one of {LAYER_SEPARATIONS}, got {separation!r}")
         if separation == "entmax" and not 1.0 < float(alpha) < 2.0:
             raise ValueError(f"alpha must lie in (1, 2) for entmax, got {alpha}")
-        self.beta = _positive_real("beta", beta)
-        self.t = _positive_real("t", t)
+        self.beta = check_positive("beta", beta)
+        self.t = check_positive("t", t)
         self.separation, self.alpha, self.backend, self.uhop = (
             separation,
             float(alpha),
@@ -106,7 +106,7 @@ class UHopHopfieldLayer(nn.Module):
         self.key_proj = nn.Parameter(init(hidden_dim, feature_dim))  # W_K
         self.value_proj = nn.Parameter(init(out_dim, in_dim))  # W_V
         self.in_dim = in_dim
-        self.batched_max_memories = _positive_int(
+        self.batched_max_memories = check_int(
             "batched_max_memories", batched_max_memories, minimum=0
         )
 
@@ -137,26 +137,12 @@ class UHopHopfieldLayer(nn.Module):
         projected_queries = self.features(queries) @ self.query_proj.T
         keys = self.features(memories) @ self.key_proj.T
         values = memories @ self.value_proj.T
+        settings = dict(beta=self.beta, separation=self.separation, alpha=self.alpha)
         if queries.dim() == 3:
-            return batched_retrieve(
-                projected_queries,
-                keys,
-                values,
-                beta=self.beta,
-                separation=self.separation,
-                alpha=self.alpha,
-            )
+            return batched_retrieve(projected_queries, keys, values, **settings)
         from .. import retrieve
 
-        return retrieve(
-            projected_queries,
-            keys,
-            values,
-            beta=self.beta,
-            separation=self.separation,
-            alpha=self.alpha,
-            backend=self.backend,
-        )
+        return retrieve(projected_queries, keys, values, backend=self.backend, **settings)
 
     def separation_loss(self, memories: Tensor) -> Tensor:
         """Definition 3.1 over the rows of ``memories`` ((M, d), or (N, M, d) pooled into one
@@ -283,17 +269,17 @@ def fit_uhop(
             f"inputs and targets must hold the same, non-zero number of samples, got "
             f"{inputs.shape[0]} and {targets.shape[0]}"
         )
-    epochs = _positive_int("epochs", epochs)
-    inner_steps = _positive_int("inner_steps", inner_steps, minimum=0)
-    batch_size = _positive_int("batch_size", batch_size)
-    kernel_batch_size = _positive_int("kernel_batch_size", kernel_batch_size or batch_size)
+    epochs = check_int("epochs", epochs)
+    inner_steps = check_int("inner_steps", inner_steps, minimum=0)
+    batch_size = check_int("batch_size", batch_size)
+    kernel_batch_size = check_int("kernel_batch_size", kernel_batch_size or batch_size)
     kernel = layer.kernel_parameters()
     kernel_ids = {id(p) for p in kernel}
     rest = [p for p in model.parameters() if id(p) not in kernel_ids]
     kernel_opt = (
-        torch.optim.SGD(kernel, lr=_positive_real("kernel_lr", kernel_lr)) if kernel else None
+        torch.optim.SGD(kernel, lr=check_positive("kernel_lr", kernel_lr)) if kernel else None
     )
-    model_opt = torch.optim.Adam(rest, lr=_positive_real("model_lr", model_lr))
+    model_opt = torch.optim.Adam(rest, lr=check_positive("model_lr", model_lr))
     history: dict[str, list[float]] = {"separation": [], "objective": []}
     count = inputs.shape[0]
     steps = epochs * -(-count // batch_size)
@@ -327,19 +313,3 @@ def _check_input(name: str, tensor, dim: int) -> None:
     if tensor.dim() not in (2, 3) or tensor.shape[-1] != dim:
         raise ValueError(f"{name} must have shape (M, {dim}) or (N, M, {dim}), got "
                          f"{tuple(tensor.shape)}")  # fmt: skip
-
-
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value}")
-    return float(value)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..options import FLOAT_DTYPES
+from .checks import check_point_set, check_positive
 
 LOSS_BACKENDS = ("auto", "torch", "triton")
 SEPARATION_REDUCTIONS = ("average", "max")
@@ -74,16 +75,13 @@ def separation_loss(
 
 
 def _check_features(features) -> None:
-    if not isinstance(features, Tensor):
-        raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-    if features.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
-    if features.dim() != 2:
-        raise ValueError(f"features must have shape (M, D), got {tuple(features.shape)}")
-    if features.shape[0] < 2:
-        raise ValueError(
-            f"features must hold at least 2 rows (the loss is over pairs), got {features.shape[0]}"
-        )
+    check_point_set(
+        "features",
+        features,
+        shape="(M, D)",
+        pairs="rows (the loss is over pairs)",
+        dtypes=FLOAT_DTYPES,
+    )
     if features.shape[1] == 0:
         raise ValueError(f"features must have at least one column, got {tuple(features.shape)}")
     low, high = torch.aminmax(features.detach())
@@ -94,12 +92,7 @@ def _check_features(features) -> None:
 def _check_t(t) -> float:
     if isinstance(t, Tensor) and t.numel() == 1:
         t = t.item()
-    if isinstance(t, bool) or not isinstance(t, numbers.Real):
-        raise TypeError(f"t must be a real number, got {type(t).__name__}")
-    t = float(t)
-    if not math.isfinite(t) or t <= 0:
-        raise ValueError(f"t must be finite and > 0, got {t}")
-    return t
+    return check_positive("t", t)
 
 
 def _select_backend(backend: str, features: Tensor):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..api import retrieve as hopfield_retrieve
-from .feature_map import _check_int
+from .checks import check_int
 
 # feature map -> (weakref to the memories, their version, the parameters' versions, keys)
 _KEY_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -63,7 +63,7 @@ def retrieve(
             f"feature_map takes inputs of dimension {expected}, but the memories have "
             f"dimension {memories.shape[1]}"
         )
-    steps = _check_int("steps", steps, minimum=1)
+    steps = check_int("steps", steps, minimum=1)
     keys = projected_bank(memories, feature_map)
     state = queries
     for _ in range(steps):
