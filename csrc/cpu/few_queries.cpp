@@ -48,37 +48,19 @@ inline float half_to_float(uint16_t h) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")
 namespace isa_avx512 {
-namespace {
 #include "few_queries_kernel.h"
-}  // namespace
-void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
-void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
-  run_scores(a, m0, m1, out, stride);
-}
 }  // namespace isa_avx512
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
-namespace {
 #include "few_queries_kernel.h"
-}  // namespace
-void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
-void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
-  run_scores(a, m0, m1, out, stride);
-}
 }  // namespace isa_avx2
 #pragma GCC pop_options
 
 namespace isa_generic {
-namespace {
 #include "few_queries_kernel.h"
-}  // namespace
-void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
-void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
-  run_scores(a, m0, m1, out, stride);
-}
 }  // namespace isa_generic
 
 namespace {

@@ -9,6 +9,8 @@
 // maximum similarity, sum of weights, accumulator, and the first index of the maximum. Only
 // plain loops over raw pointers here: nothing from ATen, whose inline code carries no target.
 
+namespace {
+
 // e^x for x <= 0 (or -inf), float32, within a few ulp: x = n ln2 + r with |r| <= ln2 / 2, a
 // degree-6 polynomial for e^r, and 2^n from the exponent bits. Below -87.3 the result is 0 (no
 // subnormals): against the largest weight of a row, exactly 1, that is below float32's epsilon.
@@ -192,4 +194,12 @@ static void run(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st
   if (a.kind == kKindFloat32) softmax_pass_for<kKindFloat32>(a, m0, m1, st);
   else if (a.kind == kKindBFloat16) softmax_pass_for<kKindBFloat16>(a, m0, m1, st);
   else softmax_pass_for<kKindFloat16>(a, m0, m1, st);
+}
+
+}  // namespace
+
+// This instruction set's entry points (few_queries.cpp dispatches to them).
+void pass(const FewQueryArgs& a, int64_t m0, int64_t m1, FewQueryState& st) { run(a, m0, m1, st); }
+void scores(const FewQueryArgs& a, int64_t m0, int64_t m1, float* out, int64_t stride) {
+  run_scores(a, m0, m1, out, stride);
 }
