@@ -21,7 +21,7 @@ DEMO_NOISE = 0.3  # standard deviation of the Gaussian noise on noisy cues (pixe
 # Modules that add their own subcommands: each has ``add_commands(subparsers)`` and imports only
 # what parsing needs, so ``hen-fast --help`` stays fast (and works on a core install). A subcommand
 # that needs an extra says so with ``set_defaults(extra=...)``; main checks it before any work.
-COMMAND_MODULES: tuple[str, ...] = ("hen_fast.experiments", "hen_fast.uhop.cli")
+COMMAND_MODULES: tuple[str, ...] = ("hen_fast.experiments", "hen_fast.uhop.cli", "hen_fast.bench")
 
 
 def main(argv: list[str] | None = None) -> int:
