@@ -3,12 +3,13 @@ source and hands both to :func:`hen_fast.driver.run`."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from . import driver
 from .bank import MemoryBank
 from .info import RetrieveInfo
-from .options import all_finite, check_arguments
+from .options import check_arguments, not_finite_message, require_finite
 from .sources import bank_source
 
 
@@ -106,17 +107,15 @@ def retrieve(
         memory_cap=memory_cap, check_devices=not host_bank,
     )  # fmt: skip
     if check_finite and bank is not None:
-        # The bank remembers its answer until its tensors change.
-        if not bank.all_finite():
-            raise ValueError(
-                "memories (the MemoryBank) contains NaN or Inf; clean the input or pass "
-                "check_finite=False to skip this check"
-            )
-        if not all_finite(queries):
-            raise ValueError(
-                "queries contains NaN or Inf; clean the input or pass "
-                "check_finite=False to skip this check"
-            )
+        bank_name = "memories (the MemoryBank)"
+        if torch.compiler.is_compiling():
+            # The bank's remembered answer is host state: the compiled graph checks its tensors.
+            for tensor in (memories, values):
+                if tensor is not None:
+                    require_finite(bank_name, tensor)
+        elif not bank.all_finite():  # remembered until the bank's tensors change
+            raise ValueError(not_finite_message(bank_name))
+        require_finite("queries", queries)
     source = bank_source(queries, memories, values, norms, memory_cap=memory_cap, bank=bank,
                          similarity=similarity)  # fmt: skip
     return driver.run(args, source, backend=backend)

@@ -25,7 +25,13 @@ def iterate(
     ``(new, support, argmax, lse)`` for those rows. Components under ``clamp_mask`` are held at
     their query value; with ``tol``, a query that moved by at most ``tol`` stops and its rows are
     no longer passed to ``one_step``. Returns ``(out in the queries' dtype, info or None)``.
+
+    Under ``torch.compile`` with ``tol`` the loop runs :func:`_iterate_masked` instead: the same
+    results without a batch whose size depends on the data.
     """
+    if tol is not None and steps > 1 and torch.compiler.is_compiling():
+        return _iterate_masked(one_step, queries, dtype, steps=steps, tol=tol,
+                               clamp_mask=clamp_mask, return_info=return_info)  # fmt: skip
     num_queries = queries.shape[0]
     x0 = queries.to(dtype)
     x = x0
@@ -62,5 +68,42 @@ def iterate(
             active = active[moved > tol]
             if active.numel() == 0:
                 break
+    info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
+    return x.to(queries.dtype), info
+
+
+def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int, tol: float,
+                    clamp_mask: Tensor | None, return_info: bool):  # fmt: skip
+    """:func:`iterate` with ``tol`` as a graph ``torch.compile`` can capture whole.
+
+    The eager loop passes only the moving queries to ``one_step`` (``x[active]``, a size known
+    only at run time) and stops when none moves (a branch on tensor data); neither traces. Here
+    every step runs on the whole batch for all ``steps`` and a query that has stopped keeps its
+    iterate and info (``torch.where`` on a ``moving`` mask), so the outputs and ``info.steps``
+    are the eager loop's; the price is that stopped queries are still computed (and discarded)
+    until the last step.
+    """
+    num_queries = queries.shape[0]
+    x0 = queries.to(dtype)
+    x = x0
+    mask = None if clamp_mask is None else clamp_mask.to(x.device).broadcast_to(x.shape)
+    device = x.device
+    moving = torch.ones(num_queries, dtype=torch.bool, device=device)
+    steps_taken = torch.zeros(num_queries, dtype=torch.long, device=device)
+    support = torch.zeros(num_queries, dtype=torch.long, device=device)
+    argmax = torch.zeros(num_queries, dtype=torch.long, device=device)
+    lse = torch.zeros(num_queries, dtype=dtype, device=device)
+    for _ in range(steps):
+        new, step_support, step_argmax, step_lse = one_step(x)
+        if mask is not None:
+            new = torch.where(mask, x0, new)
+        moved = torch.linalg.vector_norm(new.detach() - x.detach(), dim=1)
+        x = torch.where(moving[:, None], new, x)
+        steps_taken = steps_taken + moving.long()
+        if return_info:
+            support = torch.where(moving, step_support, support)
+            argmax = torch.where(moving, step_argmax, argmax)
+            lse = torch.where(moving, step_lse.to(dtype), lse)
+        moving = moving & (moved > tol)
     info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
     return x.to(queries.dtype), info

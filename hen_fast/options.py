@@ -4,6 +4,10 @@ Checked once, here, for every entry point (``hen_fast.retrieve``, ``ShardedMemor
 each bad argument raises a TypeError or ValueError that names it, what it got and what was
 expected. The checks never read a tensor's data except the finiteness check, which
 ``check_finite=False`` skips (the one check that costs a read of the bank).
+
+Under ``torch.compile`` the checks of types, shapes, dtypes and numbers stay Python (they depend
+on nothing the graph computes, and dynamo guards on them), while the finiteness check becomes an
+op of the graph that raises when it runs (:func:`require_finite`).
 """
 
 from __future__ import annotations
@@ -151,11 +155,8 @@ def check_arguments(
             raise TypeError(f"{flag_name} must be a bool, got {type(flag).__name__}")
     if check_finite:
         for name, tensor in (("queries", queries), ("memories", memories), ("values", values)):
-            if tensor is not None and not all_finite(tensor):
-                raise ValueError(
-                    f"{name} contains NaN or Inf; clean the input or pass "
-                    "check_finite=False to skip this check"
-                )
+            if tensor is not None:
+                require_finite(name, tensor)
 
     options = RetrieveOptions(beta, similarity, separation, alpha, degree, int(steps), tol,
                               clamp_mask, return_info)  # fmt: skip
@@ -187,6 +188,30 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def not_finite_message(name: str) -> str:
+    return (
+        f"{name} contains NaN or Inf; clean the input or pass check_finite=False to skip this check"
+    )
+
+
+def require_finite(name: str, tensor: Tensor) -> None:
+    """Raises if ``tensor`` holds NaN or Inf.
+
+    Eagerly a ValueError, before anything is computed. Under ``torch.compile`` reading the answer
+    on the host would break the graph (a data-dependent branch), so the same condition becomes a
+    graph op, ``torch._assert_async`` on the finiteness of the min and max, which raises a
+    RuntimeError with the same message when the compiled code runs (on a GPU, an asynchronous
+    device-side assert)."""
+    if not torch.compiler.is_compiling():
+        if not all_finite(tensor):
+            raise ValueError(not_finite_message(name))
+        return
+    if tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)
+    torch._assert_async(torch.isfinite(low) & torch.isfinite(high), not_finite_message(name))
+
+
 def _check_devices(**tensors) -> None:
     placed = {name: t.device for name, t in tensors.items() if isinstance(t, Tensor)}
     if len(set(placed.values())) > 1:
@@ -200,7 +225,9 @@ def check_real(name: str, value, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    # Comparisons, not math.isfinite: under torch.compile(dynamic=True) a float argument can be
+    # symbolic, and dynamo turns comparisons (not math.isfinite) into guards. NaN compares False.
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from .. import codes
-from . import Backend, BackendUnavailableError, Request
+from . import Backend, BackendUnavailableError, Request, constant_under_compile
 
 HINT = (
     "Build it by installing from source with a C++ compiler: "
@@ -93,6 +93,14 @@ def load_extension() -> bool:
                 stacklevel=3,
             )
     return True
+
+
+@constant_under_compile
+def extension_loaded() -> bool:
+    """:func:`load_extension` for code that ``torch.compile`` traces: dynamo calls it once while
+    tracing and keeps the answer as a constant (it cannot trace the loading itself, a ctypes call,
+    and the answer never changes within a process)."""
+    return load_extension()
 
 
 def load_error() -> str | None:
@@ -224,8 +232,9 @@ def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot", sepa
     from ..loop import iterate
     from ..numerics import separation_alpha
     from .norms import cached_sq_norms
+    from .norms import sq_norms as bank_sq_norms
 
-    if not load_extension():
+    if not extension_loaded():
         raise BackendUnavailableError(
             f"backend 'cpu' is not available here: {load_error()}. {HINT}"
         )
@@ -233,7 +242,10 @@ def retrieve(queries, memories, values=None, *, beta=1.0, similarity="dot", sepa
     capacity = capacity or default_capacity(queries.shape[0])
     if similarity == "l2" and sq_norms is None:
         with torch.no_grad():  # the op differentiates ||k||^2 itself
-            sq_norms = cached_sq_norms(memories)
+            # The cache is keyed by the tensor's identity and version, host state that a compiled
+            # graph cannot consult: there the norms are one cheap O(M d) op of the graph.
+            compiling = torch.compiler.is_compiling()
+            sq_norms = bank_sq_norms(memories) if compiling else cached_sq_norms(memories)
     sparse_alpha = separation_alpha(separation, alpha) if separation != "polynomial" else 2.0
     op = torch.ops.hen_fast.retrieve_step
 
