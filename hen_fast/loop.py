@@ -33,14 +33,8 @@ def iterate(
         return _iterate_masked(one_step, queries, dtype, steps=steps, tol=tol,
                                clamp_mask=clamp_mask, return_info=return_info)  # fmt: skip
     num_queries = queries.shape[0]
-    x0 = queries.to(dtype)
-    x = x0
-    mask = None if clamp_mask is None else clamp_mask.to(x.device).broadcast_to(x.shape)
-    device = x.device
-    steps_taken = torch.zeros(num_queries, dtype=torch.long, device=device)
-    support = torch.zeros(num_queries, dtype=torch.long, device=device)
-    argmax = torch.zeros(num_queries, dtype=torch.long, device=device)
-    lse = torch.zeros(num_queries, dtype=dtype, device=device)
+    x0, mask, (steps_taken, support, argmax, lse) = _start(queries, dtype, clamp_mask)
+    x, device = x0, x0.device
     tol = tol if steps > 1 else None  # one update needs no stopping rule (and dv may differ from d)
     active = None  # None: every query is still moving
     for _ in range(steps):
@@ -83,16 +77,9 @@ def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int
     are the eager loop's; the price is that stopped queries are still computed (and discarded)
     until the last step.
     """
-    num_queries = queries.shape[0]
-    x0 = queries.to(dtype)
+    x0, mask, (steps_taken, support, argmax, lse) = _start(queries, dtype, clamp_mask)
     x = x0
-    mask = None if clamp_mask is None else clamp_mask.to(x.device).broadcast_to(x.shape)
-    device = x.device
-    moving = torch.ones(num_queries, dtype=torch.bool, device=device)
-    steps_taken = torch.zeros(num_queries, dtype=torch.long, device=device)
-    support = torch.zeros(num_queries, dtype=torch.long, device=device)
-    argmax = torch.zeros(num_queries, dtype=torch.long, device=device)
-    lse = torch.zeros(num_queries, dtype=dtype, device=device)
+    moving = torch.ones(queries.shape[0], dtype=torch.bool, device=x0.device)
     for _ in range(steps):
         new, step_support, step_argmax, step_lse = one_step(x)
         if mask is not None:
@@ -107,3 +94,13 @@ def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int
         moving = moving & (moved > tol)
     info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
     return x.to(queries.dtype), info
+
+
+def _start(queries: Tensor, dtype: torch.dtype, clamp_mask: Tensor | None):
+    """The loop's start: the queries in ``dtype``, the clamp mask broadcast to them (or None),
+    and zero info (steps, support, argmax, lse) per query."""
+    x0 = queries.to(dtype)
+    mask = None if clamp_mask is None else clamp_mask.to(x0.device).broadcast_to(x0.shape)
+    count, device = queries.shape[0], x0.device
+    info = [torch.zeros(count, dtype=torch.long, device=device) for _ in range(3)]
+    return x0, mask, (*info, torch.zeros(count, dtype=dtype, device=device))
