@@ -21,7 +21,7 @@ print('cpu kernels', cpu.load_extension(), cpu.load_error(), '| cuda kernels', c
 stamp gpu_check
 timeout ${CHECK_S:-150} python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -20
 stamp tests
-TESTS=${*:-tests/test_cuda.py tests/test_triton.py tests/test_backward.py tests/test_separation_loss.py tests/test_retrieve.py tests/test_extremes.py}
+TESTS=${*:-tests/test_conformance.py tests/test_cuda.py tests/test_triton.py tests/test_backward.py tests/test_separation_loss.py tests/test_retrieve.py tests/test_extremes.py}
 timeout ${TEST_S:-200} python3 -m pytest -q -n 8 -p no:cacheprovider -rf --maxfail=40 $TESTS \
   >"$OUT/tests.log" 2>&1; echo "pytest rc $?"; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -45
 stamp bench

@@ -1,9 +1,13 @@
-"""The CUDA backend (csrc/cuda) against the float64 oracle (hen_fast.oracle), and its registration.
+"""The CUDA backend (csrc/cuda): its registration, and its kernels' own paths against the float64
+oracle (hen_fast.oracle): vector loads with a scalar tail, value slabs, candidate window
+overflow, many query blocks and splits, threads, the op contract shared with the cpu kernel.
+The contract shared by every backend is in test_conformance.py.
 
 The kernel tests need a CUDA device and an extension built with CUDA (marked ``gpu``; skipped
 elsewhere). Problems are drawn on the CPU, where the float64 oracle runs, and copied to the GPU in
-random layouts: contiguous, padded rows (16-byte aligned or not, so the vector loads' scalar tail
-and the scalar path both run), every other column, column-major; skipped entries hold NaN.
+random or chosen layouts (helpers.to_device): contiguous, padded rows (16-byte aligned or not, so
+the vector loads' scalar tail and the scalar path both run), every other column, column-major;
+skipped entries hold NaN.
 """
 
 import pytest
@@ -18,58 +22,17 @@ from helpers import (
     check_against_reference,
     combo_id,
     combo_kwargs,
+    poison_cuda_allocator,
     randint,
     random_problem,
     rel_err,
+    to_device,
 )
 
 requires_kernel = pytest.mark.skipif(
     not (torch.cuda.is_available() and cuda_backend.has_cuda_kernel()),
     reason="needs a CUDA device and hen_fast._C built with CUDA",
 )
-
-
-def to_device(tensor: torch.Tensor, gen: torch.Generator, layout: str | None = None):
-    """The same values on the GPU in a random (or the given) layout; padding holds NaN."""
-    layout = layout or ["contiguous", "padded", "every_other", "column_major"][randint(gen, 0, 3)]
-    rows, cols = tensor.shape
-    if layout == "contiguous":
-        return tensor.to("cuda").contiguous()
-    if layout == "column_major":
-        return tensor.to("cuda").T.contiguous().T
-    if layout == "every_other":
-        width = 2 * cols
-    elif layout == "aligned_padded":  # rows 16-byte aligned for every dtype: vector loads
-        width = (cols + 15) // 16 * 16
-    else:
-        width = cols + randint(gen, 0, 9)
-    wide = torch.full((rows, width), float("nan"), dtype=tensor.dtype, device="cuda")
-    view = wide[:, ::2] if layout == "every_other" else wide[:, :cols]
-    view.copy_(tensor)
-    return view
-
-
-def poison_allocator():
-    """Fills free blocks of torch's caching allocator (small and large pools) with NaN, so an
-    output element the kernels forget to write shows as NaN."""
-    blocks = [
-        torch.full((n,), float("nan"), device="cuda") for n in (1 << 8, 1 << 12, 1 << 17, 1 << 24)
-    ]
-    del blocks
-
-
-def run_cuda(queries, memories, values, gen, **kwargs):
-    if isinstance(kwargs.get("clamp_mask"), torch.Tensor):
-        kwargs["clamp_mask"] = kwargs["clamp_mask"].to("cuda")
-    poison_allocator()
-    return hen_fast.retrieve(
-        to_device(queries, gen),
-        to_device(memories, gen),
-        None if values is None else to_device(values, gen),
-        backend="cuda",
-        return_info=True,
-        **kwargs,
-    )
 
 
 # -- registration: runs everywhere ---------------------------------------------------------
@@ -105,21 +68,6 @@ def test_named_without_a_gpu_raises_with_a_hint():
 
 @pytest.mark.gpu
 @requires_kernel
-@pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
-def test_matches_reference(gen, combo, steps):
-    queries, memories, values = random_problem(
-        gen, dtype=torch.float32, same_dims=steps > 1, max_queries=70, max_memories=9000
-    )
-    values = None if steps > 1 else values
-    kwargs = dict(combo_kwargs(combo), steps=steps)
-    out, info = run_cuda(queries, memories, values, gen, **kwargs)
-    assert out.dtype == torch.float32 and out.is_cuda
-    check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
-
-
-@pytest.mark.gpu
-@requires_kernel
 @pytest.mark.parametrize("bank_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["aligned_padded", "padded", "contiguous"])
 def test_vector_loads_with_a_tail(gen, bank_dtype, layout):
@@ -132,9 +80,9 @@ def test_vector_loads_with_a_tail(gen, bank_dtype, layout):
     for separation in ("softmax", "sparsemax", "entmax"):
         kwargs = dict(beta=0.5, separation=separation, similarity="l2")
         out, info = hen_fast.retrieve(
-            to_device(queries, gen),
-            to_device(memories, gen, layout),
-            to_device(values, gen, layout),
+            to_device(queries, "cuda", gen),
+            to_device(memories, "cuda", gen, layout),
+            to_device(values, "cuda", gen, layout),
             backend="cuda",
             return_info=True,
             **kwargs,
@@ -156,16 +104,18 @@ def test_wide_values_in_slabs(gen, bank_dtype, separation):
     values = torch.randn(memories.shape[0], value_dim, generator=gen).to(bank_dtype)
     kwargs = dict(beta=0.3, separation=separation)
     for layout in ("aligned_padded", "padded"):
-        poison_allocator()
+        poison_cuda_allocator()
         out, info = hen_fast.retrieve(
-            to_device(queries, gen),
-            to_device(memories, gen),
-            to_device(values, gen, layout),
+            to_device(queries, "cuda", gen),
+            to_device(memories, "cuda", gen),
+            to_device(values, "cuda", gen, layout),
             backend="cuda",
             return_info=True,
             **kwargs,
         )
-        check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
+        check_against_reference(
+            out.cpu(), info, queries, memories, values, backend="cuda", **kwargs
+        )
 
 
 @pytest.mark.gpu
@@ -185,9 +135,9 @@ def test_sparse_overflow_falls_back_exactly(gen, separation, alpha, capacity):
     values = torch.cat([values, torch.randn(3000, values.shape[1], generator=gen)])
     kwargs = dict(beta=0.01, similarity="dot", separation=separation, alpha=alpha)
     out, info = cuda_backend.retrieve(
-        to_device(queries, gen),
-        to_device(memories, gen),
-        to_device(values, gen),
+        to_device(queries, "cuda", gen),
+        to_device(memories, "cuda", gen),
+        to_device(values, "cuda", gen),
         return_info=True,
         capacity=capacity,
         **kwargs,
@@ -202,32 +152,7 @@ def test_sparse_overflow_falls_back_exactly(gen, separation, alpha, capacity):
         assert bool((scores.max(1).values - scores.min(1).values < 1).all())
     else:
         assert int(info.support.max()) > capacity
-    check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
-
-
-@pytest.mark.gpu
-@requires_kernel
-@pytest.mark.parametrize("combo", [c for c in COMBINATIONS if c[2] in (1.5, 1.25)], ids=combo_id)
-def test_steps_tol_and_clamp(gen, combo):
-    queries, memories, _ = random_problem(gen, dtype=torch.float32, same_dims=True)
-    mask = torch.rand(queries.shape[1], generator=gen) < 0.3
-    kwargs = dict(combo_kwargs(combo), steps=5, tol=1e-3, clamp_mask=mask)
-    out, info = run_cuda(queries, memories, None, gen, **kwargs)
-    check_against_reference(out.cpu(), info, queries, memories, None, **kwargs)
-    assert torch.equal(out.cpu()[:, mask], queries[:, mask])
-
-
-@pytest.mark.gpu
-@requires_kernel
-@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
-def test_half_precision_banks(gen, bank_dtype, combo):
-    queries, memories, values = random_problem(gen, max_queries=64, max_memories=3000)
-    memories, values = memories.to(bank_dtype), values.to(bank_dtype)
-    queries = queries.float()
-    out, info = run_cuda(queries, memories, values, gen, **combo_kwargs(combo))
-    expected = hen_fast.oracle.naive_retrieve(queries, memories, values, **combo_kwargs(combo))
-    assert rel_err(out.cpu(), expected) < 1e-5
+    check_against_reference(out.cpu(), info, queries, memories, values, backend="cuda", **kwargs)
 
 
 @pytest.mark.gpu
@@ -240,28 +165,16 @@ def test_many_queries_and_splits(gen):
     for separation in ("softmax", "entmax", "polynomial"):
         kwargs = dict(beta=0.5, separation=separation)
         out, info = cuda_backend.retrieve(
-            to_device(queries, gen),
-            to_device(memories, gen),
-            to_device(values, gen),
+            to_device(queries, "cuda", gen),
+            to_device(memories, "cuda", gen),
+            to_device(values, "cuda", gen),
             return_info=True,
             capacity=randint(gen, 1, 300),
             **kwargs,
         )
-        check_against_reference(out.cpu(), info, queries, memories, values, **kwargs)
-
-
-@pytest.mark.gpu
-@requires_kernel
-def test_degenerate_shapes(gen):
-    for num_queries, num_memories, dim, value_dim in [(1, 1, 1, 1), (3, 1, 5, 2), (1, 7, 1, 1)]:
-        queries = torch.randn(num_queries, dim, generator=gen)
-        memories = torch.randn(num_memories, dim, generator=gen)
-        values = torch.randn(num_memories, value_dim, generator=gen)
-        for separation in ("softmax", "sparsemax", "entmax", "polynomial"):
-            out, info = run_cuda(queries, memories, values, gen, separation=separation)
-            check_against_reference(
-                out.cpu(), info, queries, memories, values, separation=separation
-            )
+        check_against_reference(
+            out.cpu(), info, queries, memories, values, backend="cuda", **kwargs
+        )
 
 
 @pytest.mark.gpu

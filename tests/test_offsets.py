@@ -16,9 +16,16 @@ import torch
 
 import hen_fast
 from hen_fast import oracle
-from hen_fast.backends import cpu, torch_backend
+from hen_fast.backends import cpu
 
-from helpers import COMBINATIONS, check_against_reference, combo_id, combo_kwargs, rel_err
+from helpers import (
+    COMBINATIONS,
+    check_against_reference,
+    combo_id,
+    combo_kwargs,
+    kernel_retrieve,
+    rel_err,
+)
 
 ROW_STRIDE = 2**30
 # The real allocator: the poisoned-buffer fixture's torch.empty would write every page of a span.
@@ -59,28 +66,14 @@ def problem():
     return compact, tuple(spread(t) for t in compact)
 
 
-def _retrieve(backend, queries, keys, values, capacity=None, **kwargs):
-    """The backend's own retrieve (for its candidate capacity), with return_info."""
-    if backend == "triton":
-        from hen_fast.backends.triton.retrieve import retrieve
-
-        extra = {} if capacity is None else {"capacity": capacity}
-    elif backend == "torch":
-        retrieve, extra = (
-            torch_backend.retrieve,
-            {} if capacity is None else {"candidates": capacity},
-        )
-    else:
-        retrieve, extra = cpu.retrieve, {} if capacity is None else {"capacity": capacity}
-    return retrieve(queries, keys, values, return_info=True, **kwargs, **extra)
-
-
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_two_to_the_30_apart(problem, backend, combo):
     (queries, keys, values), (far_queries, far_keys, far_values) = problem
     kwargs = combo_kwargs(combo)
-    out, info = _retrieve(backend, far_queries, far_keys, far_values, **kwargs)
+    out, info = kernel_retrieve(
+        backend, far_queries, far_keys, far_values, return_info=True, **kwargs
+    )
     check_against_reference(out, info, queries, keys, values, **kwargs)
 
 
@@ -91,7 +84,9 @@ def test_sparse_overflow_path_with_rows_two_to_the_30_apart(problem, backend, co
     full output pass read the far rows too."""
     (queries, keys, values), (far_queries, far_keys, far_values) = problem
     kwargs = dict(combo_kwargs(combo), beta=0.02)
-    out, info = _retrieve(backend, far_queries, far_keys, far_values, capacity=1, **kwargs)
+    out, info = kernel_retrieve(
+        backend, far_queries, far_keys, far_values, capacity=1, return_info=True, **kwargs
+    )
     assert int(info.support.max()) > 1  # the buffer overflowed: the fallback ran
     check_against_reference(out, info, queries, keys, values, **kwargs)
 
@@ -104,7 +99,7 @@ def test_columns_two_to_the_30_apart(problem, backend, similarity):
     queries, keys = queries[:, :3], keys[:, :3]
     far_keys = spread(keys, row_stride=1, col_stride=ROW_STRIDE)
     kwargs = dict(beta=0.5, similarity=similarity, separation="softmax")
-    out, info = _retrieve(backend, queries, far_keys, values, **kwargs)
+    out, info = kernel_retrieve(backend, queries, far_keys, values, return_info=True, **kwargs)
     check_against_reference(out, info, queries, keys, values, **kwargs)
 
 
