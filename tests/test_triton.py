@@ -102,56 +102,6 @@ def test_bank_norms_are_computed_once_and_refreshed_after_in_place_changes(monke
     assert key not in norms._NORMS_CACHE
 
 
-def test_gpu_benchmark_script_smoke(tmp_path):
-    """The benchmark's whole path (ceilings, baselines, records, JSON, PNG) on tiny shapes."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).parents[1] / "benchmarks" / "bench_retrieve_gpu.py"
-    out = tmp_path / "smoke.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(script),
-            "--smoke",
-            "--out",
-            str(out),
-            "--separations",
-            "softmax",
-            "sparsemax",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    result = json.loads(out.read_text())
-    assert {"device", "date", "versions", "ceilings", "records"} <= set(result)
-    record = result["records"][0]
-    for field in (
-        "op",
-        "similarity",
-        "separation",
-        "alpha",
-        "B",
-        "M",
-        "d",
-        "dv",
-        "dtype",
-        "steps",
-        "backend",
-        "ms",
-        "gbps",
-        "tflops",
-        "roofline_fraction",
-        "baselines",
-    ):
-        assert field in record
-    assert set(record["baselines"]) == {"torch_eager", "torch_compile", "sdpa", "entmax"}
-    assert len(result["records"]) == 2 * 3 * 2  # B values x similarities x separations
-    assert out.with_suffix(".png").stat().st_size > 0
-
-
 def test_every_kernel_compiles_for_hopper_and_ampere():
     """The kernels as a GPU would build them (sm_90 and sm_80 cubins), checked without one:
     every kernel of the backend, the backward and separation-loss kernels included."""
