@@ -64,7 +64,11 @@ def extensions():
         and os.environ.get("HEN_FAST_BUILD_CUDA", "1") != "0"
     )
     include_dirs = [str(write_codes_header())]
-    cxx = ["-O3", "-fopenmp-simd", "-std=c++17"]
+    # -fopenmp: at::parallel_for in these sources runs on torch's OpenMP threads. Without it the
+    # header falls back to one serial call with a parallel guard set, so the kernels and every
+    # ATen op inside them ran on one core. libgomp resolves to the copy torch already loaded.
+    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    link = ["-fopenmp"]
     nvcc = ["-O3", "-std=c++17"]
     if os.environ.get("HEN_FAST_WERROR") == "1":
         # torch's headers as system headers (gcc then ignores their -I duplicates), so that only
@@ -86,10 +90,12 @@ def extensions():
             sources + cuda_sources,
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx + ["-DHEN_FAST_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=link,
         )
     else:
         extension = CppExtension(
-            "hen_fast._C", sources, include_dirs=include_dirs, extra_compile_args=cxx
+            "hen_fast._C", sources, include_dirs=include_dirs, extra_compile_args=cxx,
+            extra_link_args=link,
         )
     return [extension], {"build_ext": BuildExtension}
 

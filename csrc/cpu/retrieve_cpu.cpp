@@ -30,12 +30,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <tuple>
 #include <vector>
 
 #include "../common/ops.h"
-#include "few_queries.h"
 #include "hen_fast/codes.h"
 #include "manhattan.h"
 
@@ -70,35 +68,11 @@ struct Problem {
   double degree;
 };
 
-// The few-query kernels' view of queries [r0, r1) (few_queries.h), where they apply: at most
-// kFewQueries rows, d and dv within their buffers, float32/bfloat16/float16 keys with unit column
-// stride (values of the keys' dtype and layout for the softmax pass; they are not read for
-// scores). Else nothing, and the tiled BLAS path computes.
-std::optional<FewQueryArgs> few_query_args(const Problem& p, int64_t r0, int64_t r1) {
-  const int64_t d = p.x.size(1), dv = p.values.size(1);
-  if (!few_query_pass_applies(r1 - r0, d, dv) || p.keys.stride(1) != 1) return std::nullopt;
-  int kind;
-  const auto dtype = p.keys.scalar_type();
-  if (dtype == at::kFloat) kind = kKindFloat32;
-  else if (dtype == at::kBFloat16) kind = kKindBFloat16;
-  else if (dtype == at::kHalf) kind = kKindFloat16;
-  else return std::nullopt;
-  return FewQueryArgs{p.x.data_ptr<float>() + r0 * d, r1 - r0, d, p.keys.data_ptr(),
-                      p.keys.stride(0), p.values.data_ptr(), p.values.stride(0), dv,
-                      p.similarity == kL2 ? p.norms.data_ptr<float>() : nullptr, kind,
-                      p.similarity, p.beta};
-}
-
 // sim for queries [r0, r1) against memories [m0, m1), into `scores` (rows x cols), clamped to
 // float's finite range. p.x_scaled is x (dot) or 2 x (l2) and p.norms holds -||k||^2, so one
 // BLAS call (addmm) writes them; beta is applied later, to differences from the row maximum.
 void score_tile(const Problem& p, int64_t r0, int64_t r1, int64_t m0, int64_t m1,
                 at::Tensor& scores) {
-  if (auto args = few_query_args(p, r0, r1)) {
-    // Few queries: each key row read once for all of them, no float copy of the tile.
-    few_query_scores(*args, m0, m1, scores.data_ptr<float>(), scores.stride(0));
-    return;
-  }
   auto keys = p.keys.slice(0, m0, m1).to(at::kFloat).contiguous();
   if (p.similarity == kManhattan) {
     auto x = p.x.slice(0, r0, r1);
@@ -193,50 +167,12 @@ void track_argmax(const at::Tensor& scores, int64_t m0, at::Tensor best, at::Ten
 
 using StepOutputs = RetrieveStepResult;  // csrc/common/ops.h
 
-// Few queries, softmax: the one-read pass of few_queries.cpp on every bank split, writing the
-// splits' partial states. False (nothing done) where it does not apply: many queries, wide rows,
-// keys and values of different dtypes or with strided columns, or a non-finite query (whose NaN
-// the tiled path carries to its output).
-bool few_query_pass(const Problem& p, const Tasks& tasks, Partials& part) {
-  const int64_t rows = p.x.size(0), dv = p.values.size(1);
-  const auto args_or_none = few_query_args(p, 0, rows);
-  if (tasks.blocks != 1 || !args_or_none) return false;
-  if (p.values.scalar_type() != p.keys.scalar_type() || p.values.stride(1) != 1) return false;
-  if (!p.x.isfinite().all().item<bool>()) return false;
-  const FewQueryArgs& args = *args_or_none;
-  const int64_t splits = tasks.splits;
-  float *max = part.max.data_ptr<float>(), *sum = part.sum.data_ptr<float>(),
-        *acc = part.acc.data_ptr<float>(), *best = part.best.data_ptr<float>();
-  int64_t* index = part.index.data_ptr<int64_t>();
-  for_each_task(tasks, rows, p.keys.size(0), [&](int64_t task, int64_t, int64_t, int64_t m0,
-                                                 int64_t m1) {
-    const int64_t split = task % splits;
-    std::vector<float> s_max(rows, kNegInf), s_sum(rows, 0.f), s_acc(rows * dv, 0.f),
-        s_best(rows, kNegInf);
-    std::vector<int64_t> s_index(rows, 0);
-    FewQueryState state{s_max.data(), s_sum.data(), s_acc.data(), s_best.data(), s_index.data()};
-    few_query_softmax_pass(args, m0, m1, state);
-    for (int64_t r = 0; r < rows; ++r) {  // Partials are (rows, splits[, dv])
-      max[r * splits + split] = s_max[r];
-      sum[r * splits + split] = s_sum[r];
-      best[r * splits + split] = s_best[r];
-      index[r * splits + split] = s_index[r];
-      std::copy(s_acc.begin() + r * dv, s_acc.begin() + (r + 1) * dv,
-                acc + (r * splits + split) * dv);
-    }
-  });
-  return true;
-}
-
 // Softmax and polynomial: one pass.
 StepOutputs smooth_step(const Problem& p, bool want_info) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0), dv = p.values.size(1);
   const bool softmax = p.separation == kSoftmax;
   Tasks tasks(rows, num_memories);
   Partials part(rows, tasks.splits, dv, softmax ? kNegInf : 0.f);
-  if (softmax && few_query_pass(p, tasks, part)) {
-    // the one-read pass filled the partial states
-  } else {
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
@@ -268,7 +204,6 @@ StepOutputs smooth_step(const Problem& p, bool want_info) {
       running_max.copy_(new_max);
     });
   });
-  }
   auto [top, argmax] = merge_argmax(part.best, part.index);
   auto row_max = std::get<0>(part.max.max(1, /*keepdim=*/true));
   at::Tensor weight;

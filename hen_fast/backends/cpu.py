@@ -44,7 +44,6 @@ class _Loaded:
 
     error: str | None = None  # why the extension is unusable, or None
     cuda_error: str | None = None  # why its CUDA kernels are not registered (CUDA builds only)
-    library: ctypes.CDLL | None = None
 
 
 def _register(library: ctypes.CDLL, function: str) -> str | None:
@@ -69,7 +68,6 @@ def load_extension() -> bool:
         if spec is None or spec.origin is None:
             raise ImportError("hen_fast._C was not built")
         library = ctypes.CDLL(spec.origin)
-        _Loaded.library = library
         failed = _register(library, "hen_fast_register_ops")
         if failed is not None:
             raise RuntimeError(f"registering its ops failed: {failed}")
@@ -113,16 +111,19 @@ def cuda_load_error() -> str | None:
     return load_error() or _Loaded.cuda_error
 
 
-def instruction_set() -> str | None:
-    """The instruction set the C++ few-query pass runs with here: "avx512", "avx2" or "generic"
-    (the best this CPU has; ``HEN_FAST_CPU_ISA`` names a lower one), or None without the
-    extension. One build carries all three and picks at run time."""
-    if not load_extension():
-        return None
-    function = _Loaded.library.hen_fast_cpu_isa
-    function.restype = ctypes.c_char_p
-    function.argtypes = []
-    return function().decode()
+def instruction_set() -> str:
+    """The widest x86 vector extension this CPU offers ("amx", "avx512", "avx2" or "generic"),
+    from /proc/cpuinfo: what the machine could give the kernels (recorded by ``hen-fast bench``)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info
+                          if line.startswith("flags")), [])  # fmt: skip
+    except OSError:
+        return "generic"
+    for name, flag in (("amx", "amx_tile"), ("avx512", "avx512f"), ("avx2", "avx2")):
+        if flag in flags:
+            return name
+    return "generic"
 
 
 # Fake (meta) kernels: shapes without computing, for torch.compile and meta tensors. One per op
