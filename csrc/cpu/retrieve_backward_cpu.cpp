@@ -32,6 +32,7 @@
 #include "../common/ops.h"
 #include "hen_fast/codes.h"
 #include "manhattan.h"
+#include "parallel.h"
 
 namespace hen_fast {
 namespace {
@@ -130,7 +131,7 @@ struct Grid {
 template <typename Fn>
 void for_each_tile(const Problem& p, const Grid& grid, const Fn& fn) {
   const int64_t rows = p.x.size(0), num_memories = p.keys.size(0);
-  at::parallel_for(0, grid.groups * grid.splits, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(0, grid.groups * grid.splits, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t group = task / grid.splits, split = task % grid.splits;
       const int64_t g0 = group * grid.group_size, g1 = std::min(g0 + grid.group_size, rows);

@@ -1,6 +1,6 @@
 // One retrieval update on the CPU: out = Sep(beta * sim(K, x)) V, fused over bank tiles.
 //
-// Work is cut into tasks of (a block of queries) x (a split of the bank), run by at::parallel_for.
+// Work is cut into tasks of (a block of queries) x (a split of the bank), run on torch's threads.
 // A task streams its split in tiles of TILE memories: the tile's scores come from one BLAS call
 // (dot, l2 as 2 x.k - ||k||^2) or a vectorised |x - k| loop (manhattan), weights are formed in
 // place, and the tile's values are added with a second BLAS call. The extra memory is one
@@ -36,6 +36,7 @@
 #include "../common/ops.h"
 #include "hen_fast/codes.h"
 #include "manhattan.h"
+#include "parallel.h"
 
 namespace hen_fast {
 namespace {
@@ -122,7 +123,7 @@ struct Tasks {
 // Runs fn(task, r0, r1, m0, m1) for every (query block, bank split) in parallel.
 template <typename Fn>
 void for_each_task(const Tasks& tasks, int64_t num_rows, int64_t num_memories, const Fn& fn) {
-  at::parallel_for(0, tasks.count(), 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(0, tasks.count(), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t block = task / tasks.splits, split = task % tasks.splits;
       const int64_t r0 = block * kQueryBlock, r1 = std::min(r0 + kQueryBlock, num_rows);
@@ -465,7 +466,7 @@ StepOutputs sparse_step(const Problem& p, int64_t capacity) {
   std::vector<char> overflow(rows, 0);
   std::vector<double> s_max(rows);
   // Rows whose window fit: exact threshold on the candidates, output from the support alone.
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  parallel_tasks(0, rows, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       s_max[r] = tops[r];
       std::vector<std::pair<double, int64_t>> window;
