@@ -67,4 +67,4 @@ PY
 # Triton's interpreter tests in these files test no compiled code: the main run has them.
 HEN_FAST_REQUIRE_EXT=1 python -m pytest -q -p no:cacheprovider -k "not triton" \
     tests/test_extension.py tests/test_cpu.py tests/test_backward.py tests/test_backends.py \
-    tests/test_retrieve.py
+    tests/test_retrieve.py tests/test_conformance.py

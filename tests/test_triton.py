@@ -154,23 +154,24 @@ def test_blocks_of_converged_queries_stream_nothing(gen):
     from hen_fast.backends.triton.retrieve import launch_config
     from hen_fast.backends.triton.stats import threshold_stats
 
-    queries, memories = torch.randn(40, 6, generator=gen), torch.randn(300, 6, generator=gen)
+    queries = torch.randn(40, 6, generator=gen).to(DEVICE)
+    memories = torch.randn(300, 6, generator=gen).to(DEVICE)
     config = launch_config(6, 6, 40, "dot", queries, memories)
-    active = torch.zeros(40, dtype=torch.int32)
+    active = torch.zeros(40, dtype=torch.int32, device=DEVICE)
     active[config["BLOCK_B"]] = 1  # one row of the second block only
     count, _, _ = threshold_stats(
         queries,
         memories,
         None,
         active,
-        torch.zeros(40),
-        torch.full((40,), -math.inf),
+        torch.zeros(40, device=DEVICE),
+        torch.full((40,), -math.inf, device=DEVICE),
         scale=1.0,
         similarity_code=0,
         splits=3,
         config=config,
     )
-    block = config["BLOCK_B"]
+    block, count = config["BLOCK_B"], count.cpu()
     assert count[:block].eq(0).all() and count[block : 2 * block].eq(300).all()
     assert count[2 * block :].eq(0).all()
 
