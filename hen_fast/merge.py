@@ -100,15 +100,15 @@ def _chunk_partial(rows, start, keys, norms, values, impl, beta, similarity, sep
         best = _similarity_at(rows.double(), keys[info.argmax].double(), similarity)
         rel = lse if separation == "polynomial" else lse - beta * best
         return DenseState(rel, out.to(rows.dtype), best, info.argmax + start, info.support)
-    stream = torch_backend._BankStream(
+    stream = torch_backend.BankStream(
         rows, keys, keys if values is None else values, beta=beta, similarity=similarity,
         chunk_size=keys.shape[0], sq_norms=None if norms is None else norms.to(rows.dtype),
     )  # fmt: skip
     if separation == "polynomial":
-        out, support, argmax, rel, _ = torch_backend._polynomial_step(stream, float(degree))
+        out, support, argmax, rel, _ = torch_backend.polynomial_step(stream, float(degree))
         best = _similarity_at(rows.double(), keys[argmax].double(), similarity)
         return DenseState(rel.double(), out.to(rows.dtype), best, argmax + start, support)
-    out, _, argmax, rel, s_max = torch_backend._softmax_step(stream, False)
+    out, _, argmax, rel, s_max = torch_backend.softmax_step(stream, False)
     # rel is relative to the chunk's computed maximum: that is the best kept (l2 shifted back by
     # the row's ||x||^2), so that beta never multiplies a difference of two roundings.
     best = s_max.double()

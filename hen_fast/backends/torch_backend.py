@@ -58,7 +58,7 @@ def default_chunk_size(num_queries: int, num_memories: int) -> int:
     return max(MIN_CHUNK, CHUNK_SCORES // num_queries)
 
 
-class _BankStream:
+class BankStream:
     """Similarities ``s = sim(keys, x)`` (finite, see :func:`finite_scores`) and values, chunk by
     chunk, for fixed query rows. The scores are ``z = beta * s``; ``beta`` is applied by each
     separation to differences from the row maximum, ``beta * (s - max s)``, which never overflow
@@ -97,7 +97,7 @@ class _BankStream:
             yield start, s, values
 
 
-def _softmax_step(stream: _BankStream, want_info: bool):
+def softmax_step(stream: BankStream, want_info: bool):
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
     beta = stream.beta
     argmax = ArgmaxState.empty(rows, stream.x)
@@ -129,7 +129,7 @@ def _softmax_step(stream: _BankStream, want_info: bool):
     return out, support, argmax.index, lse_rel, running_max
 
 
-def _polynomial_step(stream: _BankStream, degree: float):
+def polynomial_step(stream: BankStream, degree: float):
     """Weights ``relu(beta s)^n`` normalised: beta > 0 cancels, so they are computed from ``s``."""
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
     argmax = ArgmaxState.empty(rows, stream.x)
@@ -161,7 +161,7 @@ def _polynomial_step(stream: _BankStream, degree: float):
     return out, support, argmax.index, lse, None  # float64: a streamed merge needs its bits
 
 
-def _stream_sums(stream: _BankStream, alpha: float, s_max: Tensor, rows: Tensor):
+def _stream_sums(stream: BankStream, alpha: float, s_max: Tensor, rows: Tensor):
     """``partial_sums`` for Newton over the whole bank for some ``rows``, one pass per call
     (scores relative to each row's maximum ``s_max``, float64).
 
@@ -185,7 +185,7 @@ def _stream_sums(stream: _BankStream, alpha: float, s_max: Tensor, rows: Tensor)
     return partial_sums
 
 
-def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
+def _sparse_threshold(stream: BankStream, alpha: float, candidates: int):
     """Exact entmax threshold of every row across all chunks, relative to the row's maximum
     ``(alpha - 1) beta max s`` (float64), the maximum similarity ``s_max`` and the argmax."""
     num_memories = stream.keys.shape[0]
@@ -213,7 +213,7 @@ def _sparse_threshold(stream: _BankStream, alpha: float, candidates: int):
     return tau, kept[:, 0], argmax.index
 
 
-def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: bool):
+def _sparse_step(stream: BankStream, alpha: float, candidates: int, need_grad: bool):
     rows, dtype, device = stream.x.shape[0], stream.x.dtype, stream.x.device
     q = 1.0 / (alpha - 1.0)
     tau, s_max, argmax = _sparse_threshold(stream, alpha, candidates)
@@ -267,13 +267,13 @@ def _sparse_step(stream: _BankStream, alpha: float, candidates: int, need_grad: 
 
 def _one_step(x, keys, values, *, beta, similarity, separation, alpha, degree, chunk_size,
               candidates, sq_norms, want_info):  # fmt: skip
-    stream = _BankStream(
+    stream = BankStream(
         x, keys, values, beta=beta, similarity=similarity, chunk_size=chunk_size, sq_norms=sq_norms
     )
     if separation == "softmax":
-        out, support, argmax, lse, s_max = _softmax_step(stream, want_info)
+        out, support, argmax, lse, s_max = softmax_step(stream, want_info)
     elif separation == "polynomial":
-        out, support, argmax, lse, s_max = _polynomial_step(stream, float(degree))
+        out, support, argmax, lse, s_max = polynomial_step(stream, float(degree))
     else:
         need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, keys, values))
         out, support, argmax, lse, s_max = _sparse_step(
