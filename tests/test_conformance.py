@@ -4,7 +4,9 @@ half-precision inputs, a single query, degenerate shapes and odd strides, ties, 
 
 Each test runs once per backend (the ``backend`` fixture): ``torch`` and ``cpu`` on CPU tensors,
 ``triton`` on a GPU when there is one and otherwise on CPU tensors through the interpreter,
-``cuda`` on a GPU only (marked ``gpu``). Inputs are drawn on the CPU, moved to the backend's
+``cuda`` on a GPU only (marked ``gpu``). The cpu backend runs once per path it has (variants
+``cpu-tiled``, ``cpu-onepass`` and the one-pass kernel on each narrower instruction set, forced
+through HEN_FAST_CPU_PATH / HEN_FAST_CPU_ISA), besides its own choice (``cpu``). Inputs are drawn on the CPU, moved to the backend's
 device (helpers.run_backend; on a GPU in random layouts) and the results come back for the
 oracle. Every output buffer is poisoned first (NaN), so an element a kernel forgets to write
 shows. Tolerances: the table in helpers.py. Backend-specific paths (forced splits, candidate
@@ -41,23 +43,41 @@ from helpers import (
 pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 # CI sets HEN_FAST_REQUIRE_EXT=1: there a missing extension fails the cpu cases, never skips them.
+_NO_EXTENSION = pytest.mark.skipif(
+    not cpu.load_extension() and os.environ.get("HEN_FAST_REQUIRE_EXT") != "1",
+    reason="the C++ extension (hen_fast._C) is not built",
+)
+# The cpu backend's paths (csrc/cpu/retrieve_cpu.h), each forced for every case: "cpu" is the
+# choice the kernel makes itself; the one-pass kernel runs on each instruction set this CPU has.
+_CPU_VARIANTS = {
+    "cpu": {},
+    "cpu-tiled": {"HEN_FAST_CPU_PATH": "tiled"},
+    "cpu-onepass": {"HEN_FAST_CPU_PATH": "onepass"},
+    "cpu-onepass-avx2": {"HEN_FAST_CPU_PATH": "onepass", "HEN_FAST_CPU_ISA": "avx2"},
+    "cpu-onepass-generic": {"HEN_FAST_CPU_PATH": "onepass", "HEN_FAST_CPU_ISA": "generic"},
+}
+
+
+def _cpu_variant(name):
+    isa = _CPU_VARIANTS[name].get("HEN_FAST_CPU_ISA")
+    runs_here = isa is None or isa in cpu.instruction_sets()
+    marks = [_NO_EXTENSION, pytest.mark.skipif(not runs_here, reason=f"this CPU has no {isa}")]
+    return pytest.param(("cpu", _CPU_VARIANTS[name]), id=name, marks=marks)
+
+
 _BACKEND_PARAMS = [
-    pytest.param("torch"),
+    pytest.param(("torch", {}), id="torch"),
+    *(_cpu_variant(name) for name in _CPU_VARIANTS),
     pytest.param(
-        "cpu",
-        marks=pytest.mark.skipif(
-            not cpu.load_extension() and os.environ.get("HEN_FAST_REQUIRE_EXT") != "1",
-            reason="the C++ extension (hen_fast._C) is not built",
-        ),
-    ),
-    pytest.param(
-        "triton",
+        ("triton", {}),
+        id="triton",
         marks=pytest.mark.skipif(
             importlib.util.find_spec("triton") is None, reason="the triton package is not installed"
         ),
     ),
     pytest.param(
-        "cuda",
+        ("cuda", {}),
+        id="cuda",
         marks=[
             pytest.mark.gpu,  # conftest.py skips it without a CUDA device
             pytest.mark.skipif(
@@ -70,8 +90,11 @@ _BACKEND_PARAMS = [
 
 
 @pytest.fixture(params=_BACKEND_PARAMS)
-def backend(request) -> str:
-    return request.param
+def backend(request, monkeypatch) -> str:
+    name, environment = request.param
+    for variable, value in environment.items():
+        monkeypatch.setenv(variable, value)
+    return name
 
 
 def _interpreted(backend: str) -> bool:

@@ -9,12 +9,13 @@ import torch
 from hen_fast.partial import ArgmaxState, CandidateState, DenseState, fold
 
 
-def _dense_part(queries, keys, values, start, beta, scale):
-    """A part's DenseState computed directly in float64 (softmax when scale == beta, else
-    polynomial of degree 3 with the whole lse in rel)."""
-    s = queries @ keys.T
-    if keys.shape[0] == 0:
-        return DenseState.empty(queries.shape[0], values.shape[1], queries)
+def _dense_part(s, values, start, beta, scale):
+    """A part's DenseState computed directly in float64 from its columns ``s`` of the whole
+    bank's scores (softmax when scale == beta, else polynomial of degree 3 with the whole lse in
+    rel). The scores come from one product: a BLAS may round a product of fewer columns
+    differently, and the maxima are compared exactly."""
+    if s.shape[1] == 0:
+        return DenseState.empty(s.shape[0], values.shape[1], s)
     best, index = s.max(dim=1)
     if scale:
         logits = beta * (s - best[:, None])
@@ -39,9 +40,10 @@ def test_dense_merge_in_any_grouping_equals_the_whole(gen, separation):
     values = torch.randn(40, 3, generator=gen, dtype=torch.float64)
     beta = 0.8
     scale = beta if separation == "softmax" else 0.0
-    whole = _dense_part(queries, keys, values, 0, beta, scale)
+    scores = queries @ keys.T
+    whole = _dense_part(scores, values, 0, beta, scale)
     bounds = _split(40, gen, 6)
-    parts = [_dense_part(queries, keys[a:b], values[a:b], a, beta, scale) for a, b in bounds]
+    parts = [_dense_part(scores[:, a:b], values[a:b], a, beta, scale) for a, b in bounds]
 
     def merge(a, b):
         return a.merge(b, scale)

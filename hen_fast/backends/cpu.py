@@ -126,6 +126,15 @@ def instruction_set() -> str:
     return "generic"
 
 
+_INSTRUCTION_SETS = ("generic", "avx2", "avx512", "amx")  # each one a superset of the last
+
+
+def instruction_sets() -> tuple:
+    """Every instruction set this CPU runs, narrowest first: the values HEN_FAST_CPU_ISA may take
+    here (besides "auto")."""
+    return _INSTRUCTION_SETS[: _INSTRUCTION_SETS.index(instruction_set()) + 1]
+
+
 # Fake (meta) kernels: shapes without computing, for torch.compile and meta tensors. One per op
 # of csrc/common/ops.h, with its schema's argument names (tests/test_extension.py checks both).
 def _fake_retrieve_step(
