@@ -125,6 +125,40 @@ def test_window_compacts_when_the_best_rows_come_last(gen, onepass, separation):
     assert int(info.argmax) == 4999
 
 
+def _wide_window_case(gen, alpha, beta, order):
+    """800 rows, each repeated 7 times (ties at every score, the threshold's among them), where
+    the rows within 1 / ((alpha - 1) beta) of the maximum are hundreds to thousands and the support
+    is 7 to 70 rows."""
+    memories = torch.randn(800, 24, generator=gen).repeat_interleave(7, 0)
+    queries = torch.randn(3, 24, generator=gen)
+    if order != "shuffled":
+        memories = memories[(memories @ queries[0]).argsort(descending=order == "descending")]
+    separation = "sparsemax" if alpha == 2.0 else "entmax"
+    return queries, memories.contiguous(), dict(beta=beta, separation=separation, alpha=alpha)
+
+
+WIDE_WINDOWS = pytest.mark.parametrize("alpha, beta", [(2.0, 0.05), (1.5, 0.2), (1.25, 0.5)])
+
+
+@WIDE_WINDOWS
+@pytest.mark.parametrize("order", ["shuffled", "ascending", "descending"])
+def test_window_floor_prunes_a_wide_window(gen, onepass, alpha, beta, order):
+    """A full window's own threshold raises the floor (onepass::sparse_floor) and drops the rows at
+    or below it, which a larger threshold over the whole bank can only confirm: the support and
+    output stay exact however the rows come (ascending: the floor rises at every compaction)."""
+    queries, memories, kwargs = _wide_window_case(gen, alpha, beta, order)
+    out, info = cpu.retrieve(queries, memories, return_info=True, capacity=128, **kwargs)
+    _check(out, info, queries, memories, None, **kwargs)
+
+
+@WIDE_WINDOWS
+def test_window_floor_in_the_tiled_candidate_pass(gen, monkeypatch, alpha, beta):
+    monkeypatch.setenv("HEN_FAST_CPU_PATH", "tiled")
+    queries, memories, kwargs = _wide_window_case(gen, alpha, beta, "ascending")
+    out, info = cpu.retrieve(queries, memories, return_info=True, capacity=128, **kwargs)
+    _check(out, info, queries, memories, None, **kwargs)
+
+
 @pytest.mark.parametrize("separation", ["softmax", "sparsemax", "entmax"])
 def test_many_exact_ties_at_huge_beta(gen, onepass, separation):
     """300 copies of the best memory at beta 1e30 overflow a 64-entry window: the weight is split

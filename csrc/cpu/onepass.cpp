@@ -6,9 +6,11 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "hen_fast/codes.h"
@@ -96,6 +98,34 @@ Isa isa_for_call(const char** error) {
   }
   *error = "HEN_FAST_CPU_ISA must be auto, avx512, avx2 or generic";
   return widest;
+}
+
+// Bisection on sum_e [y_e - tau]_+^(1 / (alpha - 1)) = 1 over y = scale (s - best) in [-1, 0],
+// keeping its lower end, widened by 1e-5 as the windows are (the finish solves tau exactly on
+// what is kept). Plain scalar code: it runs once per compaction of a full window.
+float sparse_floor(const float* scores, int64_t count, float best, double scale, double alpha) {
+  const double q = 1.0 / (alpha - 1.0);
+  auto mass = [&](double tau) {
+    double total = 0;
+    for (int64_t e = 0; e < count; ++e) {
+      const double r = (static_cast<double>(scores[e]) - best) * scale - tau;
+      if (r > 0) total += q == 1.0 ? r : (q == 2.0 ? r * r : std::pow(r, q));
+    }
+    return total;
+  };
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  double lo = -1.0, hi = 0.0;
+  if (!(mass(lo) >= 1.0)) return kNegInf;
+  for (int iteration = 0; iteration < 32; ++iteration) {
+    const double mid = 0.5 * (lo + hi);
+    (mass(mid) >= 1.0 ? lo : hi) = mid;
+  }
+  double floor = best + (lo - 1e-5) / scale;
+  // Below best, strictly (at beta 1e30 the offset is lost in best's ulp), and rounded down.
+  if (!(floor < best)) floor = std::nextafter(static_cast<double>(best), -1.0 / 0.0);
+  float rounded = static_cast<float>(floor);
+  if (rounded > floor) rounded = std::nextafter(rounded, kNegInf);
+  return rounded;
 }
 
 int64_t scratch_floats(Isa isa, const Args& args) {

@@ -33,11 +33,13 @@ struct Group {
 
 // The running state of one group over one bank range. Lanes (q, g) hold query q's value,
 // replicated over g. The caller allocates and initialises it (max -inf, sum 0, best -inf,
-// acc 0, counts 0).
+// floor -inf, acc 0, counts 0).
 struct GroupState {
   float* max;      // lanes: running maximum similarity (softmax)
   float* sum;      // 3 x lanes: sum of exp(beta (s - max)); its compensation; the open chunk's
   float* best;     // lanes: running maximum similarity (argmax and the candidate window)
+  float* floor;    // lanes: similarities at or below are outside the sparse support (-inf: not
+                   // known yet); raised when a full window is compacted
   int64_t* index;  // per query: first index of `best`
   float* acc;      // 3 x value_dim_pad / (lanes / per_vector) vectors, laid out as xp: the
                    // weighted values, their compensation, the open chunk's (as sum)
@@ -62,10 +64,20 @@ struct Args {
   float beta;              // at most float's largest value
   // The window: similarities s with (s - best) * window_scale > -1 - 1e-5 are kept (0: none).
   float window_scale;
+  // sparsemax / entmax: alpha, from which a full window's own threshold raises the floor (0: no
+  // floor, as for softmax's support count or a window_scale clamped to float's range).
+  double alpha;
   int64_t capacity;
   const Group* groups;
   int num_groups;
 };
+
+// The floor a full candidate window sets for sparsemax / entmax, in similarity units: the
+// threshold of the window's own entries is at or below the bank's (taking in more memories only
+// raises it), so a similarity at or below the floor never enters the support. -inf when the
+// window does not reach mass 1 within 1 / scale of `best` (best - 1 / scale is then all that is
+// known). scale = (alpha - 1) beta; both the one-pass and the tiled candidate passes use it.
+float sparse_floor(const float* scores, int64_t count, float best, double scale, double alpha);
 
 // Floats of scratch memory one call of `pass` needs.
 int64_t scratch_floats(Isa isa, const Args& args);

@@ -325,18 +325,28 @@ static inline void add_values(const Block& blk, float* acc, int64_t vectors, con
   }
 }
 
-// Appends similarity s of memory `index` to query q's window. A full window first drops the
-// entries the running maximum (`best`, q's) has since left behind, so a bank whose best rows
-// come last does not overflow; a window that stays (three quarters) full overflows.
-static inline void keep(const Args& a, GroupState& st, int q, float s, int64_t index,
-                        float best) {
+// Appends similarity s of memory `index` to query q's window (lanes [lane, lane + G) of the
+// state). A full window first drops the entries the running maximum (`best`, q's) has since left
+// behind and, for the sparse separations, raises the floor to the window's own threshold and
+// drops what lies at or below it, so a bank whose best rows come last or whose window is far
+// wider than its support does not overflow; a window that stays (three quarters) full overflows.
+static inline void keep(const Args& a, GroupState& st, int q, int lane, int G, float s,
+                        int64_t index, float best) {
   int64_t& count = st.window_count[q];
   if (count == a.capacity && !st.overflow[q]) {
     float* scores = st.window_score + q * a.capacity;
     int64_t* indices = st.window_index + q * a.capacity;
+    float floor = st.floor[lane];
+    if (a.alpha > 1.0) {
+      const float raised = sparse_floor(scores, count, best, a.window_scale, a.alpha);
+      if (raised > floor) {
+        floor = raised;
+        for (int g = 0; g < G; ++g) st.floor[lane + g] = floor;
+      }
+    }
     int64_t kept = 0;
     for (int64_t e = 0; e < count; ++e) {
-      if ((scores[e] - best) * a.window_scale > -1.f - 1e-5f) {
+      if ((scores[e] - best) * a.window_scale > -1.f - 1e-5f && scores[e] > floor) {
         scores[kept] = scores[e];
         indices[kept++] = indices[e];
       }
@@ -344,6 +354,7 @@ static inline void keep(const Args& a, GroupState& st, int q, float s, int64_t i
     count = kept;
     // Freeing under a quarter would make each later append compact again: overflow instead.
     if (4 * kept > 3 * a.capacity) st.overflow[q] = 1;
+    if (!(s > floor)) return;
   }
   if (st.overflow[q]) return;
   if (count < a.capacity) {
@@ -395,10 +406,13 @@ static void single_query_block(const Args& a, const Block& blk, GroupState& st, 
     store(st.best, top);
   }
   if (a.window_scale > 0.f) {
-    const IVec kept = (z - st.best[0]) * a.window_scale > -1.f - 1e-5f;
+    const IVec kept = ((z - st.best[0]) * a.window_scale > -1.f - 1e-5f) & (z > st.floor[0]);
     if (any(kept)) {
       for (int j = 0; j < blk.rows; ++j) {
-        if (kept[j]) keep(a, st, 0, z[j], blk.first + j, st.best[0]);
+        // (The floor is read again: an earlier row's compaction may have raised it.)
+        if (kept[j] && z[j] > st.floor[0]) {
+          keep(a, st, 0, 0, kLanes, z[j], blk.first + j, st.best[0]);
+        }
       }
     }
   }
@@ -480,10 +494,13 @@ static void group_block(const Args& a, const Group& group, const Block& blk, Gro
     const Vec top = load(st.best);
     for (int j = 0; j < blk.rows; ++j) {
       // A little wider than the window: the exact threshold filters again.
-      const IVec kept = (s[j] - top) * a.window_scale > -1.f - 1e-5f;
+      const IVec kept = ((s[j] - top) * a.window_scale > -1.f - 1e-5f) & (s[j] > load(st.floor));
       if (!any(kept)) continue;
       for (int q = 0; q < group.rows; ++q) {
-        if (kept[q * G]) keep(a, st, q, s[j][q * G], blk.first + j, top[q * G]);
+        // (The floor is read again: an earlier row's compaction may have raised it.)
+        if (kept[q * G] && s[j][q * G] > st.floor[q * G]) {
+          keep(a, st, q, q * G, G, s[j][q * G], blk.first + j, top[q * G]);
+        }
       }
     }
   }

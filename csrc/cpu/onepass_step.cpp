@@ -48,7 +48,7 @@ int64_t most_queries(onepass::Isa isa, const Problem& p) {
 
 // The states of every (range, group), in flat arrays; a range's groups are consecutive.
 struct States {
-  std::vector<float> max, sum, best, acc;
+  std::vector<float> max, sum, best, floor, acc;
   std::vector<int64_t> index, window_count;
   std::unique_ptr<float[]> window_score;  // uninitialised: only counted entries are read
   std::unique_ptr<int64_t[]> window_index;
@@ -59,6 +59,7 @@ struct States {
       : max(ranges * groups * lanes, kNegInf),
         sum(ranges * groups * 3 * lanes, 0.f),
         best(ranges * groups * lanes, kNegInf),
+        floor(ranges * groups * lanes, kNegInf),
         acc(ranges * groups * 3 * acc_floats, 0.f),
         index(ranges * groups * per_vector, 0),
         window_count(ranges * groups * per_vector, 0),
@@ -69,6 +70,7 @@ struct States {
     for (int64_t k = 0; k < ranges * groups; ++k) {
       const int64_t at = k * per_vector;
       views.push_back({max.data() + k * lanes, sum.data() + k * 3 * lanes, best.data() + k * lanes,
+                       floor.data() + k * lanes,
                        index.data() + at, acc.data() + k * 3 * acc_floats,
                        window ? window_score.get() + at * capacity : nullptr,
                        window ? window_index.get() + at * capacity : nullptr,
@@ -144,6 +146,7 @@ std::optional<RetrieveStepResult> onepass_step(const Problem& p, int64_t capacit
   args.accumulate = !sparse;
   args.beta = static_cast<float>(float_beta(p.beta));
   args.window_scale = static_cast<float>(std::min(window_scale, static_cast<double>(kFloatMax)));
+  args.alpha = sparse && window_scale <= kFloatMax ? p.alpha : 0.0;
   args.capacity = capacity;
   args.groups = group_list.data();
   args.num_groups = static_cast<int>(groups);

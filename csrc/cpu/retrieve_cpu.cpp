@@ -37,6 +37,7 @@
 
 #include "../common/ops.h"
 #include "manhattan.h"
+#include "onepass.h"
 
 namespace hen_fast {
 namespace cpu {
@@ -220,10 +221,30 @@ RetrieveStepResult sparse_step(const Problem& p, int64_t capacity) {
   const double scale = (p.alpha - 1.0) * p.beta;
   Tasks tasks(rows, num_memories);
   Partials part(rows, tasks.splits, dv, kNegInf);
-  // Candidates per (task, row in block): (similarity, memory index); a task that would keep more
-  // than `capacity` for a row marks the row as overflowing.
+  // Candidates per (task, row in block): (similarity, memory index). A full list is compacted
+  // against the running maximum and the floor its own threshold sets (onepass::sparse_floor);
+  // one that stays three quarters full marks the row as overflowing.
   std::vector<std::vector<std::pair<float, int64_t>>> kept(tasks.count() * kQueryBlock);
   std::vector<char> task_overflow(tasks.count() * kQueryBlock, 0);  // one writer per slot
+  std::vector<float> floors(tasks.count() * kQueryBlock, kNegInf);
+  auto compact = [&](int64_t slot, double running_max) {
+    auto& list = kept[slot];
+    std::vector<float> scores(list.size());
+    for (size_t e = 0; e < list.size(); ++e) scores[e] = list[e].first;
+    if (scale <= kFloatMax) {
+      floors[slot] = std::max(floors[slot], onepass::sparse_floor(
+          scores.data(), static_cast<int64_t>(scores.size()), static_cast<float>(running_max),
+          scale, p.alpha));
+    }
+    size_t count = 0;
+    for (const auto& entry : list) {
+      if (entry.first > floors[slot] && relative_y(entry.first, running_max, scale) > -1.0) {
+        list[count++] = entry;
+      }
+    }
+    list.resize(count);
+    if (4 * static_cast<int64_t>(count) > 3 * capacity) task_overflow[slot] = 1;
+  };
   for_each_task(tasks, rows, num_memories, [&](int64_t task, int64_t r0, int64_t r1, int64_t m0,
                                                int64_t m1) {
     const int64_t split = task % tasks.splits;
@@ -235,15 +256,20 @@ RetrieveStepResult sparse_step(const Problem& p, int64_t capacity) {
       const float* running = best.data_ptr<float>();  // a column of part.best: strided
       const int64_t stride = z.stride(0), running_stride = best.stride(0);
       for (int64_t i = 0; i < r1 - r0; ++i) {
-        auto& list = kept[task * kQueryBlock + i];
+        const int64_t slot = task * kQueryBlock + i;
+        auto& list = kept[slot];
         const double running_max = running[i * running_stride];
         for (int64_t j = 0; j < t1 - t0; ++j) {
           const float s = zs[i * stride + j];
-          // In the window of the running maximum: (alpha - 1) beta (s - max) > -1.
-          if (relative_y(s, running_max, scale) > -1.0) {
-            if (static_cast<int64_t>(list.size()) < capacity) list.emplace_back(s, t0 + j);
-            else task_overflow[task * kQueryBlock + i] = 1;
+          // In the window of the running maximum, (alpha - 1) beta (s - max) > -1, and above
+          // the floor.
+          if (task_overflow[slot] || !(s > floors[slot]) ||
+              !(relative_y(s, running_max, scale) > -1.0)) {
+            continue;
           }
+          if (static_cast<int64_t>(list.size()) == capacity) compact(slot, running_max);
+          if (task_overflow[slot] || !(s > floors[slot])) continue;
+          list.emplace_back(s, t0 + j);
         }
       }
     });
