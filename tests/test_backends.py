@@ -128,10 +128,11 @@ def test_import_needs_no_gpu_and_no_extension():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
-    """The measured rule in backends/cpu.py: the C++ kernel takes few queries, sparse
-    separations and manhattan; dense dot/l2 from DENSE_TORCH_FROM_QUERIES queries on go to torch.
-    Named, the kernel still computes them."""
+def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend, monkeypatch):
+    """The measured rule in backends/cpu.py: the kernel's one-pass path (softmax, sparsemax,
+    entmax with AVX2 or AVX-512) keeps every number of queries; dense dot/l2 calls that its tiled
+    path serves go to torch from DENSE_TORCH_FROM_QUERIES queries on; sparse separations and
+    manhattan stay on the kernel. Named, the kernel still computes them."""
     from hen_fast.backends import Request, cpu, select_backend
 
     if not cpu.load_extension():
@@ -150,13 +151,21 @@ def test_auto_leaves_dense_many_query_calls_to_torch_on_cpu(temporary_backend):
         )
         return select_backend(name, request).name
 
-    assert chosen(many - 1, "dot", "softmax") == "cpu"
-    assert chosen(many, "dot", "softmax") == "torch"
+    one_pass_here = cpu.instruction_set() != "generic"
+    assert chosen(10 * many, "dot", "softmax") == ("cpu" if one_pass_here else "torch")
+    assert chosen(many - 1, "l2", "polynomial") == "cpu"
     assert chosen(many, "l2", "polynomial") == "torch"
-    assert chosen(many, "dot", "softmax", name="cpu") == "cpu"
+    assert chosen(many, "dot", "polynomial", name="cpu") == "cpu"
     for similarity, separation in (
         ("dot", "sparsemax"),
         ("l2", "entmax"),
         ("manhattan", "softmax"),
     ):
         assert chosen(10 * many, similarity, separation) == "cpu"
+    # Without the one-pass path (a CPU without AVX2, or the tiled path forced), dense softmax too.
+    for variable, value in (("HEN_FAST_CPU_ISA", "generic"), ("HEN_FAST_CPU_PATH", "tiled")):
+        with monkeypatch.context() as patch:
+            patch.setenv(variable, value)
+            assert chosen(many - 1, "dot", "softmax") == "cpu"
+            assert chosen(many, "dot", "softmax") == "torch"
+            assert chosen(many, "manhattan", "softmax") == "cpu"

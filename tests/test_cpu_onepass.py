@@ -64,6 +64,22 @@ def test_query_packings_and_ranges(gen, onepass, num_queries, similarity, separa
     _check(out, info, queries, memories, values, **kwargs)
 
 
+@pytest.mark.parametrize("separation", ["softmax", "sparsemax"])
+def test_many_queries_in_slices(gen, separation):
+    """More queries than one call of the kernel takes (1024, retrieve_cpu.cpp): the slices'
+    results join in order, each row as if retrieved alone, the support counted in every slice.
+    Not forced: the backend's own choice of path takes them all."""
+    memories = torch.randn(3000, 20, generator=gen)
+    stored = torch.randint(0, 3000, (1024 + 37,), generator=gen)
+    queries = memories[stored] + 0.5 * torch.randn(1024 + 37, 20, generator=gen)
+    kwargs = dict(beta=0.3, similarity="l2", separation=separation)
+    out, info = hen_fast.retrieve(queries, memories, backend="cpu", return_info=True, **kwargs)
+    _check(out, info, queries, memories, None, **kwargs)
+    tail, tail_info = hen_fast.retrieve(queries[-37:], memories, backend="cpu", return_info=True, **kwargs)
+    torch.testing.assert_close(out[-37:], tail, rtol=0, atol=0)
+    assert torch.equal(info.support[-37:], tail_info.support)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("separation", ["softmax", "entmax"])
 def test_half_banks(gen, onepass, dtype, separation):

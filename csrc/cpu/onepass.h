@@ -8,8 +8,8 @@
 namespace hen_fast {
 namespace onepass {
 
-// Instruction sets the kernel is built for, widest last. kAmx is not a kernel of this file: it
-// names the CPU's widest feature for the tiled path's bf16 products (amx.cpp).
+// Instruction sets the kernel is built for, widest last (AMX tiles are not used: a CPU that has
+// them runs the AVX-512 build).
 enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 enum Kind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -37,13 +38,15 @@ std::optional<onepass::Kind> kind_of(const at::Tensor& t) {
 
 int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 
-// Queries up to which one read of the bank for all of them beats the tiled BLAS passes (measured
-// on 2 cores, benchmarks/results/cpu-onepass-*.json): the kernel's FMAs grow with the queries,
-// BLAS's tiles do not read the bank fewer times but use the FMA units better.
-int64_t most_queries(onepass::Isa isa, const Problem& p) {
-  if (isa != onepass::kAvx512) return 4;
-  if (p.separation == kEntmax || p.similarity == kManhattan) return 64;
-  return p.keys.scalar_type() == at::kFloat ? 16 : 8;
+// Queries up to which the one-pass kernel takes a call, from a sweep on 2 cores of an AVX-512
+// machine without AMX (python benchmarks/crossover_cpu.py; d = 128, M = 1e5-1e6, B = 1-4096, every
+// similarity, softmax / sparsemax / entmax, fp32 and bf16 banks). With AVX2 or AVX-512 it was the
+// faster path at every B: packed queries reach about 80% of the FMA peak while the tiled path's
+// BLAS products, score pass and value product reach less (onepass / tiled time 0.4-0.6 at B = 1,
+// 0.55-0.65 at B = 256-4096; AVX2 0.82 at B = 256). The plain SSE2 build loses from 8 queries on.
+int64_t most_queries(onepass::Isa isa) {
+  if (isa == onepass::kGeneric) return 4;
+  return std::numeric_limits<int64_t>::max();
 }
 
 // The states of every (range, group), in flat arrays; a range's groups are consecutive.
@@ -94,7 +97,7 @@ std::optional<RetrieveStepResult> onepass_step(const Problem& p, int64_t capacit
   TORCH_CHECK(isa_error == nullptr, isa_error);
   const int64_t rows = p.x.size(0), dim = p.x.size(1), dv = values.size(1);
   const int64_t num_memories = keys.size(0);
-  if (!forced && rows > most_queries(isa, p)) return std::nullopt;
+  if (!forced && rows > most_queries(isa)) return std::nullopt;
 
   // Queries per vector: the fewest lanes that hold them all, at most a vector's width.
   const int64_t lanes = onepass::lanes(isa);

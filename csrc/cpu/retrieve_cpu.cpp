@@ -288,6 +288,23 @@ RetrieveStepResult sparse_step(const Problem& p, int64_t capacity) {
   return finish_sparse(p, candidates, top, argmax, /*same_scores=*/true);
 }
 
+// Queries per call of the one-pass kernel: its state is a few KB per query (more with a sparse
+// window), so that at most tens of MB are held, and a slice's bank read is shared by enough
+// queries that the FMAs, not the read, bound it.
+constexpr int64_t kOnePassQueries = 1024;
+
+RetrieveStepResult concatenated(const std::vector<RetrieveStepResult>& slices) {
+  std::vector<at::Tensor> out, support, argmax, lse, threshold;
+  for (const auto& slice : slices) {
+    out.push_back(std::get<0>(slice));
+    support.push_back(std::get<1>(slice));
+    argmax.push_back(std::get<2>(slice));
+    lse.push_back(std::get<3>(slice));
+    threshold.push_back(std::get<4>(slice));
+  }
+  return {at::cat(out), at::cat(support), at::cat(argmax), at::cat(lse), at::cat(threshold)};
+}
+
 // Which path serves the call: HEN_FAST_CPU_PATH=onepass or tiled forces one (tests,
 // measurements; onepass where it applies), otherwise onepass_step decides.
 enum class Path { kAuto, kOnePass, kTiled };
@@ -323,8 +340,24 @@ RetrieveStepResult retrieve_step_cpu(
   capacity = std::max<int64_t>(1, capacity);
   const Path path = path_for_call();
   if (path != Path::kTiled) {
-    auto result = onepass_step(p, capacity, want_info, path == Path::kOnePass);
-    if (result.has_value()) return *result;
+    // The one-pass state (values accumulated, candidate windows) grows with the queries: many
+    // are taken kOnePassQueries at a time, each slice reading the bank once for all of its own.
+    const int64_t rows = p.x.size(0);
+    std::vector<RetrieveStepResult> slices;
+    for (int64_t start = 0; start < rows || start == 0; start += kOnePassQueries) {
+      Problem slice = p;
+      const int64_t end = std::min(rows, start + kOnePassQueries);
+      slice.x = p.x.slice(0, start, end);
+      slice.x_scaled = p.x_scaled.slice(0, start, end);
+      auto result = onepass_step(slice, capacity, want_info, path == Path::kOnePass);
+      if (!result.has_value()) break;  // a property of the call, not of the slice
+      if (end == rows) {
+        if (slices.empty()) return *result;
+        slices.push_back(std::move(*result));
+        return concatenated(slices);
+      }
+      slices.push_back(std::move(*result));
+    }
   }
   if (separation == kEntmax) return sparse_step(p, capacity);
   return smooth_step(p, want_info);

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.util
+import os
 import warnings
 
 import torch
@@ -111,9 +112,11 @@ def cuda_load_error() -> str | None:
     return load_error() or _Loaded.cuda_error
 
 
+@functools.cache
 def instruction_set() -> str:
     """The widest x86 vector extension this CPU offers ("amx", "avx512", "avx2" or "generic"),
-    from /proc/cpuinfo: what the machine could give the kernels (recorded by ``hen-fast bench``)."""
+    from /proc/cpuinfo (read once): what the machine could give the kernels (recorded by
+    ``hen-fast bench``)."""
     try:
         with open("/proc/cpuinfo") as info:
             flags = next((line.split(":", 1)[1].split() for line in info
@@ -215,21 +218,32 @@ def check(request: Request) -> str | None:
     return None
 
 
-# From this many queries on, dense dot/l2 retrieval (softmax, polynomial) is as fast or faster in
-# the torch backend: its whole-chunk BLAS products and vectorised softmax beat the kernel's
-# per-tile passes (measured on 2 cores, d = 256 and 784: kernel/torch time 0.7-1.1 at B <= 64,
-# 1.0-1.5 at B = 128-256, 1.5-2.0 at B = 1000; benchmarks/bench_retrieve_cpu.py, sweep). The torch
-# backend streams the bank in chunks too, so its memory stays bounded. Sparse separations and
-# manhattan stay on the kernel at every B (2-4x faster there).
-DENSE_TORCH_FROM_QUERIES = 128
+# The measured rule (benchmarks/crossover_cpu.py, results/cpu-crossover-*.json, 2 cores): with AVX2
+# or AVX-512 the kernel's one-pass path takes softmax, sparsemax and entmax at every number of
+# queries (onepass / torch backend time 0.2-0.6 from B = 1 to 4096) and auto keeps them. Calls it
+# leaves to the tiled path (polynomial; every separation on a CPU without AVX2 or with
+# HEN_FAST_CPU_PATH=tiled) run BLAS products much like the torch backend's: faster up to a few
+# hundred queries (tiled / torch 0.3-0.75 at B <= 128, 0.93 at 512 for dot/polynomial), even
+# beyond, where the torch backend's whole-chunk products catch up, so dense dot/l2 ones go there
+# from DENSE_TORCH_FROM_QUERIES on. Sparse separations and manhattan stay on the kernel at every B.
+DENSE_TORCH_FROM_QUERIES = 512
+
+
+def _one_pass_takes(separation: str) -> bool:
+    isa = os.environ.get("HEN_FAST_CPU_ISA", "auto")
+    isa = instruction_set() if isa == "auto" else isa
+    return (separation in ("softmax", "sparsemax", "entmax")
+            and isa != "generic" and os.environ.get("HEN_FAST_CPU_PATH") != "tiled")  # fmt: skip
 
 
 def auto_check(request: Request) -> str | None:
     dense = request.separation in ("softmax", "polynomial") and request.similarity in ("dot", "l2")
-    if dense and (request.num_queries or 0) >= DENSE_TORCH_FROM_QUERIES:
+    many = (request.num_queries or 0) >= DENSE_TORCH_FROM_QUERIES
+    if dense and many and not _one_pass_takes(request.separation):
         return (
             f"dense {request.similarity}/{request.separation} with >= "
-            f"{DENSE_TORCH_FROM_QUERIES} queries is faster in the torch backend"
+            f"{DENSE_TORCH_FROM_QUERIES} queries is faster in the torch backend than in the "
+            "kernel's tiled path"
         )
     return None
 
