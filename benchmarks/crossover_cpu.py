@@ -1,5 +1,5 @@
-"""Where the cpu backend's one-pass kernel stops beating its tiled BLAS path (and the torch backend):
-the measurement behind ``most_queries`` in csrc/cpu/onepass_step.cpp and ``auto_check`` in
+"""Where the cpu backend's one-pass kernel stops beating its tiled BLAS path (and the torch
+backend): the measurement behind ``most_queries`` in csrc/cpu/onepass_step.cpp and ``auto_check`` in
 hen_fast/backends/cpu.py.
 
     python benchmarks/crossover_cpu.py                      # the default grid, about 10 minutes
@@ -88,8 +88,10 @@ def main(argv=None) -> None:
             return hen_fast.retrieve(queries, keys, beta=beta, similarity=sim, separation=sep,
                                      backend=backend)  # fmt: skip
 
-        contenders = {f"onepass-{isa}": ("cpu", {"HEN_FAST_CPU_PATH": "onepass",
-                                                 "HEN_FAST_CPU_ISA": isa}) for isa in isas}  # fmt: skip
+        contenders = {
+            f"onepass-{isa}": ("cpu", {"HEN_FAST_CPU_PATH": "onepass", "HEN_FAST_CPU_ISA": isa})
+            for isa in isas
+        }
         contenders["tiled"] = ("cpu", {"HEN_FAST_CPU_PATH": "tiled"})
         if not args.no_torch:
             contenders["torch"] = ("torch", {})
@@ -99,8 +101,9 @@ def main(argv=None) -> None:
                 seconds = _seconds(lambda backend=backend: call(backend), env)
                 if run:
                     times[name].append(seconds)
+        medians = {name: 1e3 * statistics.median(v) for name, v in times.items()}
         row = {"M": int(m), "dtype": dtype, "similarity": similarity, "separation": separation,
-               "B": b, "d": 128, "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}}  # fmt: skip
+               "B": b, "d": 128, "ms": medians}  # fmt: skip
         rows.append(row)
         tqdm.write(f"M={int(m):>8} {dtype:8} {case:18} B={b:<5} "
                    + "  ".join(f"{k} {v:8.1f}" for k, v in row["ms"].items()))  # fmt: skip

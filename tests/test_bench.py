@@ -166,3 +166,27 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
     out = tmp_path / "never.json"
     assert cli.main(["bench", "--smoke", "--B", "0", "--out", str(out)]) == 2
     assert "--B" in capsys.readouterr().err and not out.exists()
+
+
+def test_crossover_script_times_every_path_and_records_the_cpu(tmp_path):
+    """benchmarks/crossover_cpu.py --quick (the measurement behind the cpu backend's path rule):
+    a row per case with a positive time for the one-pass path, the tiled path and the torch
+    backend, and the CPU it ran on."""
+    from hen_fast.backends import cpu
+
+    if not cpu.load_extension():
+        pytest.skip("the C++ kernel is not built")
+    script = ROOT / "benchmarks" / "crossover_cpu.py"
+    spec = importlib.util.spec_from_file_location("crossover_cpu", script)
+    crossover = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(crossover)
+    out = tmp_path / "crossover.json"
+    crossover.main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["cpu"] == machine.machine_name("cpu")
+    assert result["instruction_set"] == cpu.instruction_set()
+    isa = cpu.instruction_sets()[-1].replace("amx", "avx512")
+    assert [row["B"] for row in result["rows"]] == [1, 64]
+    for row in result["rows"]:
+        assert set(row["ms"]) == {f"onepass-{isa}", "tiled", "torch"}
+        assert all(positive(ms) for ms in row["ms"].values()), row

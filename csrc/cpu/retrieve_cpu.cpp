@@ -344,20 +344,18 @@ RetrieveStepResult retrieve_step_cpu(
     // are taken kOnePassQueries at a time, each slice reading the bank once for all of its own.
     const int64_t rows = p.x.size(0);
     std::vector<RetrieveStepResult> slices;
-    for (int64_t start = 0; start < rows || start == 0; start += kOnePassQueries) {
+    bool complete = false;
+    for (int64_t start = 0; !complete; start += kOnePassQueries) {
       Problem slice = p;
       const int64_t end = std::min(rows, start + kOnePassQueries);
       slice.x = p.x.slice(0, start, end);
       slice.x_scaled = p.x_scaled.slice(0, start, end);
       auto result = onepass_step(slice, capacity, want_info, path == Path::kOnePass);
-      if (!result.has_value()) break;  // a property of the call, not of the slice
-      if (end == rows) {
-        if (slices.empty()) return *result;
-        slices.push_back(std::move(*result));
-        return concatenated(slices);
-      }
+      if (!result.has_value()) break;  // declined: the tiled path takes the whole call
       slices.push_back(std::move(*result));
+      complete = end == rows;
     }
+    if (complete) return slices.size() == 1 ? slices.front() : concatenated(slices);
   }
   if (separation == kEntmax) return sparse_step(p, capacity);
   return smooth_step(p, want_info);
