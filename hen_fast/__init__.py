@@ -17,6 +17,7 @@ from .backends import (
 from .bank import BankIntegrityError, MemoryBank
 from .codes import SEPARATIONS, SIMILARITIES
 from .hen import HeteroAssociativeNetwork, HopfieldEncodingNetwork
+from .index import BankIndex
 from .info import RetrieveInfo
 
 __version__ = "0.1.0"
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "BankIndex",
     "BankIntegrityError",
     "HeteroAssociativeNetwork",
     "HopfieldEncodingNetwork",

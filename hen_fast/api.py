@@ -30,6 +30,7 @@ def retrieve(
     return_info: bool = False,
     check_finite: bool = True,
     memory_cap: int | None = None,
+    eps: float | None = None,
 ) -> Tensor | tuple[Tensor, RetrieveInfo]:
     """Modern Hopfield retrieval: ``x <- Sep(beta * sim(K, x)) V``, ``steps`` times.
 
@@ -67,6 +68,21 @@ def retrieve(
             default in chunks of 256 MiB, and a MemoryBank on the CPU with queries on a GPU is
             streamed to the GPU (two chunks in flight, so each chunk takes half the cap).
             Streaming computes without autograd.
+        eps: softmax and polynomial over a bank with an index: the weight the skipped memories
+            may have, relative to the memories read (the output moves by at most
+            ``2 * eps * max ||v||``); default ``2**-24``, float32's unit roundoff. 0 reads every
+            cluster whose bound is not ``-inf`` (polynomial: not ``<= 0``). Other separations
+            take none: over an index they skip only memories of weight exactly 0.
+
+    A :class:`~hen_fast.MemoryBank` with an index (:meth:`~hen_fast.MemoryBank.build_index`)
+    is read cluster by cluster, each query only the clusters whose certified score bound can
+    matter (sparsemax / entmax: the result is the full scan's; softmax / polynomial: within
+    ``eps``); ``info.fraction_read`` says how much of the bank each query read and
+    ``info.mass_bound`` the softmax weight skipped. Queries whose bounds would have them read
+    more than a tenth of the bank (the queries of a call share that tenth) are scanned
+    instead, and so are all queries of a call on a bank of less than 56 MiB per query. With
+    autograd the bank is scanned; pass ``bank.keys`` and ``bank.values`` to scan without the
+    index.
 
     Extremes: any finite ``beta`` (up to 1e30 and more) and scores beyond float32's range give
     a finite result, the float64 one or its limit: beta multiplies differences from each row's
@@ -85,14 +101,14 @@ def retrieve(
             :class:`~hen_fast.BackendUnavailableError` for a named backend that cannot run here.
     """
     bank = memories if isinstance(memories, MemoryBank) else None
-    norms = None
+    norms = index = None
     if bank is not None:
         if values is not None:
             raise ValueError(
                 "values must be None when memories is a MemoryBank: the bank holds its values"
             )
         state = bank.state
-        memories, values, norms = state.keys, state.values, state.norms
+        memories, values, norms, index = state.keys, state.values, state.norms, state.index
     # A host bank with queries on a GPU is streamed to the GPU, so only then devices may differ.
     host_bank = (
         bank is not None
@@ -104,7 +120,7 @@ def retrieve(
         queries, memories, values, beta=beta, similarity=similarity, separation=separation,
         alpha=alpha, degree=degree, steps=steps, tol=tol, clamp_mask=clamp_mask,
         return_info=return_info, check_finite=check_finite and bank is None,
-        memory_cap=memory_cap, check_devices=not host_bank,
+        memory_cap=memory_cap, check_devices=not host_bank, eps=eps,
     )  # fmt: skip
     if check_finite and bank is not None:
         bank_name = "memories (the MemoryBank)"
@@ -117,5 +133,5 @@ def retrieve(
             raise ValueError(not_finite_message(bank_name))
         require_finite("queries", queries)
     source = bank_source(queries, memories, values, norms, memory_cap=memory_cap, bank=bank,
-                         similarity=similarity)  # fmt: skip
+                         similarity=similarity, index=index)  # fmt: skip
     return driver.run(args, source, backend=backend)

@@ -26,6 +26,16 @@ import torch
 from torch import Tensor
 
 from .backends.norms import remember_sq_norms, sq_norms
+from .index import (
+    INDEX_FIELDS,
+    KMEANS_ITERS,
+    BankIndex,
+    cluster_order,
+    cluster_statistics,
+    default_num_clusters,
+    kmeans_labels,
+    verified_index,
+)
 from .options import FLOAT_DTYPES, all_finite, check_tensor
 
 FORMAT_NAME = "hen_fast.MemoryBank"
@@ -57,6 +67,7 @@ class BankState:
     norms: Tensor
     ids: Tensor
     mapped: bool  # memory-mapped from a file: retrieve streams it in chunks
+    index: BankIndex | None = None  # clusters with score bounds (build_index); rows sorted by it
 
 
 class MemoryBank:
@@ -67,7 +78,8 @@ class MemoryBank:
     Pass a bank wherever ``retrieve`` takes ``memories`` (with ``values=None``); it reuses the
     bank's norms and its cached finiteness check. ``append`` and ``remove`` replace the bank's
     tensors as a whole (under a lock), so retrieval from other threads sees the bank before or
-    after a change, never halfway.
+    after a change, never halfway. :meth:`build_index` partitions the bank into clusters with
+    certified score bounds, so that ``retrieve`` reads only the clusters a query needs.
 
     Args:
         keys: ``(M, d)`` floating-point tensor.
@@ -122,15 +134,22 @@ class MemoryBank:
         """Loaded with ``mmap=True``: its tensors are backed by the file."""
         return self._state.mapped
 
+    @property
+    def index(self) -> BankIndex | None:
+        """The bank's cluster index (:meth:`build_index`), or None."""
+        return self._state.index
+
     def __len__(self) -> int:
         return self._state.keys.shape[0]
 
     def __repr__(self) -> str:
         state = self._state
         values = "keys" if state.values is None else tuple(state.values.shape)
+        index = "None" if state.index is None else f"{state.index.num_clusters} clusters"
         return (
             f"MemoryBank(keys={tuple(state.keys.shape)}, values={values}, "
-            f"dtype={state.keys.dtype}, device={state.keys.device}, mapped={state.mapped})"
+            f"dtype={state.keys.dtype}, device={state.keys.device}, mapped={state.mapped}, "
+            f"index={index})"
         )
 
     def all_finite(self) -> bool:
@@ -148,7 +167,8 @@ class MemoryBank:
     # ---------------------------------------------------------------------------------- changes
     def append(self, keys: Tensor, values: Tensor | None = None, ids=None) -> Tensor:
         """Adds memories and returns their ids (by default the next free ones). ``values`` must be
-        given exactly when the bank has its own values."""
+        given exactly when the bank has its own values. Drops the bank's index (build it again
+        once the changes are done)."""
         with self._lock:
             state = self._state
             keys = _check_rows("keys", keys, like=state.keys)
@@ -176,7 +196,7 @@ class MemoryBank:
 
     def remove(self, ids) -> int:
         """Removes the memories with these ids; every id must be in the bank (nothing is removed
-        otherwise). Returns how many were removed."""
+        otherwise). Returns how many were removed. Drops the bank's index."""
         with self._lock:
             state = self._state
             ids = _check_ids(ids, None, state.ids.device)
@@ -193,9 +213,66 @@ class MemoryBank:
             )
             return int((~keep).sum())
 
-    def _set_state(self, keys, values, norms, ids, *, mapped):
+    # ------------------------------------------------------------------------------------ index
+    def build_index(self, num_clusters: int | None = None, *, labels=None,
+                    iters: int = KMEANS_ITERS, seed: int = 0,
+                    progress: bool | None = None) -> BankIndex:  # fmt: skip
+        """Partitions the bank into clusters and keeps a certified bound on each cluster's best
+        score, so that :func:`hen_fast.retrieve` reads, per query, only the clusters that can
+        matter (:mod:`hen_fast.indexed`). Returns the index (also :attr:`index`).
+
+        The memories are reordered so that each cluster is a contiguous range of rows (ids move
+        with their memories: use :attr:`ids` to name them; a memory-mapped bank is read into
+        memory). ``append`` and ``remove`` drop the index; ``save`` stores it and ``load``
+        verifies it against the keys.
+
+        Args:
+            num_clusters: default about ``sqrt(M)``.
+            labels: ``(M,)`` integer cluster per memory, in ``[0, num_clusters)``, instead of
+                k-means (any partition gives exact results; a poor one reads more).
+            iters: Lloyd iterations of k-means (on a seeded sample of the bank).
+            seed: seeds the k-means sample and its initial centres.
+            progress: a progress bar for the assignment (default: for banks of >= 2^20 rows).
+        """
+        with self._lock:
+            state = self._state
+            rows = state.keys.shape[0]
+            if rows == 0:
+                raise ValueError("build_index needs a bank with at least one memory")
+            for name, value in (("iters", iters), ("seed", seed)):
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            if labels is not None:
+                labels = _check_labels(labels, rows, num_clusters, state.keys.device)
+                num_clusters = num_clusters or int(labels.max()) + 1
+            elif num_clusters is None:
+                num_clusters = default_num_clusters(rows)
+            elif (isinstance(num_clusters, bool) or not isinstance(num_clusters, int)
+                  or not 1 <= num_clusters <= rows):  # fmt: skip
+                raise ValueError(
+                    f"num_clusters must be an int in [1, {rows}] (the bank's memories), "
+                    f"got {num_clusters!r}"
+                )
+            if labels is None:
+                labels = kmeans_labels(state.keys, num_clusters, iters=iters, seed=seed,
+                                       progress=progress)  # fmt: skip
+            perm, offsets = cluster_order(labels, num_clusters)
+            keys = state.keys[perm]
+            index = cluster_statistics(keys, offsets)
+            values = None if state.values is None else state.values[perm]
+            self._set_state(keys, values, state.norms[perm], state.ids[perm], mapped=False,
+                            index=index)  # fmt: skip
+            return index
+
+    def drop_index(self) -> None:
+        """Forgets the index (the memories keep their cluster order); ``retrieve`` scans."""
+        with self._lock:
+            state = self._state
+            self._set_state(state.keys, state.values, state.norms, state.ids, mapped=state.mapped)
+
+    def _set_state(self, keys, values, norms, ids, *, mapped, index=None):
         remember_sq_norms(keys, norms)
-        self._state = BankState(keys, values, norms, ids, mapped)
+        self._state = BankState(keys, values, norms, ids, mapped, index)
 
     # ------------------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
@@ -205,6 +282,8 @@ class MemoryBank:
         tensors = {"keys": state.keys, "norms": state.norms, "ids": state.ids}
         if state.values is not None:
             tensors["values"] = state.values
+        if state.index is not None:
+            tensors.update(state.index.tensors())
         arrays = {name: _as_numpy(t) for name, t in tensors.items()}
         # Widest dtypes first keeps every tensor aligned to its element size in the file.
         order = sorted(arrays, key=lambda name: (-arrays[name].itemsize, name))
@@ -221,6 +300,7 @@ class MemoryBank:
             "version": FORMAT_VERSION,
             "auto_associative": state.values is None,
             "next_id": self._next_id,
+            "index": state.index is not None,
             "tensors": described,
         }
         header = {"__metadata__": {"hen_fast": json.dumps(meta, sort_keys=True)}}
@@ -255,13 +335,14 @@ class MemoryBank:
             buffer = np.memmap(path, mode="c", dtype=np.uint8)
         else:
             buffer = np.fromfile(path, dtype=np.uint8)
-        meta, tensors = _parse(path, buffer)
+        meta, tensors, index = _parse(path, buffer)
         bank = cls.__new__(cls)
         bank._lock = threading.Lock()
         bank._next_id = meta["next_id"]
         bank._finite_cache = None
         values = None if meta["auto_associative"] else tensors["values"]
-        bank._set_state(tensors["keys"], values, tensors["norms"], tensors["ids"], mapped=mmap)
+        bank._set_state(tensors["keys"], values, tensors["norms"], tensors["ids"], mapped=mmap,
+                        index=index)  # fmt: skip
         return bank
 
 
@@ -325,8 +406,12 @@ def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
         refuse(f"format version {meta.get('version')!r}, this hen_fast reads {FORMAT_VERSION}")
     described = meta.get("tensors")
     auto = meta.get("auto_associative")
+    indexed = meta.get("index", False)  # files from before indexes have no entry
     expected = {"keys", "norms", "ids"} | (set() if auto else {"values"})
-    if not isinstance(auto, bool) or not isinstance(meta.get("next_id"), int):
+    if indexed is True:
+        expected |= {f"index_{name}" for name in INDEX_FIELDS}
+    if (not isinstance(auto, bool) or not isinstance(meta.get("next_id"), int)
+            or not isinstance(indexed, bool)):  # fmt: skip
         refuse("bad metadata")
     if not isinstance(described, dict) or set(described) != expected or set(header) != expected:
         refuse(f"tensors {sorted(header)} where {sorted(expected)} belong")
@@ -363,7 +448,14 @@ def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
         refuse(f"{data_size - covered} unexpected trailing bytes")
     _check_loaded(refuse, tensors, auto)
     _check_derived(refuse, meta, tensors)
-    return meta, tensors
+    index = None
+    if indexed:
+        # Its statistics are recomputed from the keys and the recomputed ones kept: a radius
+        # too small would skip memories that matter.
+        index, why = verified_index(BankIndex.from_tensors(tensors), tensors["keys"])
+        if index is None:
+            refuse(why)
+    return meta, tensors, index
 
 
 def _check_loaded(refuse, tensors: dict[str, Tensor], auto: bool) -> None:
@@ -434,6 +526,23 @@ def _check_rows(name: str, tensor, *, rows: int | None = None, like: Tensor | No
                 f"{name} must have the bank's {like.shape[1]} columns, got {tuple(tensor.shape)}"
             )
     return tensor
+
+
+def _check_labels(labels, rows: int, num_clusters, device) -> Tensor:
+    labels = torch.as_tensor(labels, device=device)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be integers, got {labels.dtype}")
+    if tuple(labels.shape) != (rows,):
+        raise ValueError(f"labels must hold one cluster per memory ({rows},), "
+                         f"got {tuple(labels.shape)}")  # fmt: skip
+    labels = labels.to(torch.int64)
+    limit = num_clusters if num_clusters is not None else rows
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= rows:
+        raise ValueError(f"num_clusters must be an int in [1, {rows}], got {num_clusters!r}")
+    if bool((labels < 0).any()) or bool((labels >= limit).any()):
+        raise ValueError(f"labels must lie in [0, {limit}), got [{int(labels.min())}, "
+                         f"{int(labels.max())}]")  # fmt: skip
+    return labels
 
 
 def _check_ids(ids, rows: int | None, device) -> Tensor:

@@ -9,7 +9,9 @@ The flow is request -> source -> parts -> backend step -> merge -> loop:
 * a bank held whole, in one process, goes to the backend in one call, which runs its own update
   loop (Triton keeps it on the device; the others use :func:`hen_fast.loop.iterate`);
 * a bank in parts runs the fused backend on each part and merges the parts' partial states
-  exactly (:mod:`hen_fast.merge`, :mod:`hen_fast.partial`), under the one update loop.
+  exactly (:mod:`hen_fast.merge`, :mod:`hen_fast.partial`), under the one update loop;
+* a bank with an index (:mod:`hen_fast.indexed`) is read, per query, cluster by cluster as far
+  as its certified bounds require, its clusters' partial states merged the same way.
 
 So every path shares one validation, one backend choice, one extreme-value policy (the backends'
 and the merge's: beta on differences from the row maximum, similarities clamped finite) and one
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .backends import Request, select_backend
+from .indexed import DEFAULT_EPS, IndexedBank, indexed_step
 from .loop import iterate
 from .merge import merged_step
 from .numerics import accumulation_dtype
@@ -41,7 +44,10 @@ def run(args: CheckedArguments, source: ChunkSource, *, backend: str = "auto", g
                       num_queries=queries.shape[0], num_memories=source.chunk_rows,
                       similarity=options.similarity, separation=options.separation)  # fmt: skip
     impl = select_backend(backend, request)
-    if whole:
+    candidates = candidates or default_candidates(queries.shape[0])
+    if source.index is not None and not needs_grad and group.size == 1:
+        out, info = _indexed(args, source, impl, candidates, accumulation_dtype(*tensors))
+    elif whole:
         out, info = impl.retrieve(queries, keys, values, **options.kernel_kwargs())
     else:
         if needs_grad:
@@ -50,20 +56,58 @@ def run(args: CheckedArguments, source: ChunkSource, *, backend: str = "auto", g
                 "queries on a GPU, or a ShardedMemory) computes without autograd; retrieve from "
                 "a bank held whole in memory to differentiate"
             )
-        candidates = candidates or default_candidates(queries.shape[0])
-
-        def one_step(rows):
-            return merged_step(rows, source, group, impl=impl, beta=options.beta,
-                               similarity=options.similarity, separation=options.separation,
-                               alpha=options.alpha, degree=options.degree,
-                               candidates=candidates, want_info=options.return_info)  # fmt: skip
-
+        one_step = _scan_step(source, group, impl, options, candidates, options.return_info)
         with torch.no_grad():
             out, info = iterate(one_step, queries, accumulation_dtype(*tensors),
                                 steps=options.steps, tol=options.tol,
                                 clamp_mask=options.clamp_mask,
                                 return_info=options.return_info)  # fmt: skip
+    if info is not None:
+        info = info.with_scan_fields()
     if args.single:
         out = out.squeeze(0)
         info = None if info is None else info.squeeze()
     return (out, info) if options.return_info else out
+
+
+def _scan_step(source, group, impl, options, candidates, want_info):
+    """``one_step`` of one update over the whole bank: the backend's own call for a bank held
+    whole, else the parts' merged partial states."""
+    if source.in_memory and group.size == 1:
+
+        def whole_step(rows):
+            kwargs = dict(options.kernel_kwargs(), steps=1, tol=None, clamp_mask=None,
+                          return_info=want_info)  # fmt: skip
+            out, info = impl.retrieve(rows, source.keys, source.values, **kwargs)
+            if info is None:  # softmax's support count costs the kernels a pass
+                return out, None, None, None
+            return out, info.support, info.argmax, info.lse
+
+        return whole_step
+
+    def merged(rows):
+        return merged_step(rows, source, group, impl=impl, beta=options.beta,
+                           similarity=options.similarity, separation=options.separation,
+                           alpha=options.alpha, degree=options.degree, candidates=candidates,
+                           want_info=want_info)  # fmt: skip
+
+    return merged
+
+
+def _indexed(args, source, impl, candidates, dtype):
+    """The update loop over an indexed bank (:mod:`hen_fast.indexed`): each query reads the
+    clusters its bounds do not rule out; queries that would read most of the bank are scanned."""
+    options = args.options
+    bank = IndexedBank(source.keys, source.values, source.norms, source.index)
+    scan = _scan_step(source, LOCAL, impl, options, candidates, options.return_info)
+
+    def one_step(rows):
+        return indexed_step(rows, bank, scan, impl=impl, beta=options.beta,
+                            similarity=options.similarity, separation=options.separation,
+                            alpha=options.alpha, degree=options.degree, candidates=candidates,
+                            eps=DEFAULT_EPS if options.eps is None else options.eps,
+                            want_info=options.return_info)  # fmt: skip
+
+    with torch.no_grad():
+        return iterate(one_step, args.queries2d, dtype, steps=options.steps, tol=options.tol,
+                       clamp_mask=options.clamp_mask, return_info=options.return_info)

@@ -28,16 +28,40 @@ class RetrieveInfo:
             ``log sum relu(z)^degree`` for polynomial (``-inf`` for an all-non-positive row).
             Scores are the true similarities, ``-||x - k||^2`` for ``l2``, not the shifted form the
             kernels use. Floating point (float64 when any input was float64, else float32).
+        fraction_read: the fraction of the bank's memories scored for the query in its last
+            update: below 1 where a bank index skipped clusters (:meth:`MemoryBank.build_index`),
+            1 for a scan. Same dtype as ``lse``.
+        mass_bound: softmax and polynomial over an index: an upper bound on the weight the skipped
+            memories would have had (relative to the memories read; the output is off by at most
+            ``2 * mass_bound * max ||v||``), at most the call's ``eps``. 0 where nothing was
+            skipped and for sparsemax / entmax, whose skipped memories have weight exactly 0.
+            Over an index, ``support`` and ``argmax`` are those of the memories read: the full
+            scan's for sparsemax / entmax, and for softmax with ``eps`` below 1e-6 (a skipped
+            memory weighs less than the support's 1e-6) and below ``1 / M`` (it scores below
+            the best); polynomial's support counts the positive scores read.
     """
 
     steps: torch.Tensor
     support: torch.Tensor
     argmax: torch.Tensor
     lse: torch.Tensor
+    # Filled by hen_fast.retrieve on every path; None only from a backend called directly.
+    fraction_read: torch.Tensor | None = None
+    mass_bound: torch.Tensor | None = None
 
     def squeeze(self) -> RetrieveInfo:
         """The same info for a single query, each field a 0-d tensor."""
         return RetrieveInfo(*(field.squeeze(0) for field in self.as_tuple()))
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
-        return (self.steps, self.support, self.argmax, self.lse)
+        """The fields that are set, in order (``RetrieveInfo(*info.as_tuple())`` rebuilds it)."""
+        fields = (self.steps, self.support, self.argmax, self.lse, self.fraction_read,
+                  self.mass_bound)  # fmt: skip
+        return tuple(field for field in fields if field is not None)
+
+    def with_scan_fields(self) -> RetrieveInfo:
+        """This info with ``fraction_read`` 1 and ``mass_bound`` 0 where a scan left them unset."""
+        if self.fraction_read is not None:
+            return self
+        return RetrieveInfo(self.steps, self.support, self.argmax, self.lse,
+                            torch.ones_like(self.lse), torch.zeros_like(self.lse))  # fmt: skip

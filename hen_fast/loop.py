@@ -22,9 +22,12 @@ def iterate(
     """The update loop shared by the host-driven backends.
 
     ``one_step(rows)`` maps the current iterate of some queries (rows x d, in ``dtype``) to
-    ``(new, support, argmax, lse)`` for those rows. Components under ``clamp_mask`` are held at
-    their query value; with ``tol``, a query that moved by at most ``tol`` stops and its rows are
-    no longer passed to ``one_step``. Returns ``(out in the queries' dtype, info or None)``.
+    ``(new, support, argmax, lse)`` for those rows (the info fields may be None without
+    ``return_info``), or with more info fields after ``lse`` (an indexed bank's
+    ``fraction_read``, ``mass_bound``), kept like the others. Components under ``clamp_mask``
+    are held at their query value; with ``tol``, a query that moved by at most ``tol`` stops and
+    its rows are no longer passed to ``one_step``. Returns ``(out in the queries' dtype, info or
+    None)``.
 
     Under ``torch.compile`` with ``tol`` the loop runs :func:`_iterate_masked` instead: the same
     results without a batch whose size depends on the data.
@@ -33,13 +36,14 @@ def iterate(
         return _iterate_masked(one_step, queries, dtype, steps=steps, tol=tol,
                                clamp_mask=clamp_mask, return_info=return_info)  # fmt: skip
     num_queries = queries.shape[0]
-    x0, mask, (steps_taken, support, argmax, lse) = _start(queries, dtype, clamp_mask)
+    x0, mask, (steps_taken, *fields) = _start(queries, dtype, clamp_mask)
     x, device = x0, x0.device
     tol = tol if steps > 1 else None  # one update needs no stopping rule (and dv may differ from d)
     active = None  # None: every query is still moving
     for _ in range(steps):
         rows = x if active is None else x[active]
-        new, step_support, step_argmax, step_lse = one_step(rows)
+        new, *step_fields = one_step(rows)
+        step_fields = [_in_dtype(f, dtype) for f in step_fields]
         if mask is not None:
             held = mask if active is None else mask[active]
             new = torch.where(held, x0 if active is None else x0[active], new)
@@ -49,20 +53,18 @@ def iterate(
         if active is None:
             x, steps_taken = new, steps_taken + 1
             if return_info:
-                support, argmax, lse = step_support, step_argmax, step_lse.to(dtype)
+                fields = step_fields
             active = torch.arange(num_queries, device=device) if tol is not None else None
         else:
             x = x.index_copy(0, active, new)
             steps_taken = steps_taken.index_add(0, active, torch.ones_like(active))
             if return_info:
-                support = support.index_copy(0, active, step_support)
-                argmax = argmax.index_copy(0, active, step_argmax)
-                lse = lse.index_copy(0, active, step_lse.to(dtype))
+                fields = [f.index_copy(0, active, g) for f, g in zip(fields, step_fields)]
         if moved is not None:
             active = active[moved > tol]
             if active.numel() == 0:
                 break
-    info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
+    info = RetrieveInfo(steps_taken, *fields) if return_info else None
     return x.to(queries.dtype), info
 
 
@@ -77,22 +79,23 @@ def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int
     are the eager loop's; the price is that stopped queries are still computed (and discarded)
     until the last step.
     """
-    x0, mask, (steps_taken, support, argmax, lse) = _start(queries, dtype, clamp_mask)
+    x0, mask, (steps_taken, *fields) = _start(queries, dtype, clamp_mask)
     x = x0
     moving = torch.ones(queries.shape[0], dtype=torch.bool, device=x0.device)
-    for _ in range(steps):
-        new, step_support, step_argmax, step_lse = one_step(x)
+    for step in range(steps):
+        new, *step_fields = one_step(x)
+        step_fields = [_in_dtype(f, dtype) for f in step_fields]
         if mask is not None:
             new = torch.where(mask, x0, new)
         moved = torch.linalg.vector_norm(new.detach() - x.detach(), dim=1)
         x = torch.where(moving[:, None], new, x)
         steps_taken = steps_taken + moving.long()
         if return_info:
-            support = torch.where(moving, step_support, support)
-            argmax = torch.where(moving, step_argmax, argmax)
-            lse = torch.where(moving, step_lse.to(dtype), lse)
+            fields = step_fields if step == 0 else [
+                torch.where(moving, g, f) for f, g in zip(fields, step_fields)
+            ]  # fmt: skip
         moving = moving & (moved > tol)
-    info = RetrieveInfo(steps_taken, support, argmax, lse) if return_info else None
+    info = RetrieveInfo(steps_taken, *fields) if return_info else None
     return x.to(queries.dtype), info
 
 
@@ -104,3 +107,8 @@ def _start(queries: Tensor, dtype: torch.dtype, clamp_mask: Tensor | None):
     count, device = queries.shape[0], x0.device
     info = [torch.zeros(count, dtype=torch.long, device=device) for _ in range(3)]
     return x0, mask, (*info, torch.zeros(count, dtype=dtype, device=device))
+
+
+def _in_dtype(field, dtype):
+    """A floating info field in the loop's dtype (an index, a count or None as it is)."""
+    return field.to(dtype) if field is not None and field.is_floating_point() else field

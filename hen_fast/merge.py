@@ -178,14 +178,28 @@ def _sparse_candidates(rows, source, group, similarity, candidates):
 
 
 def _sparse_step(rows, source, group, beta, similarity, alpha, candidates):
-    q = 1.0 / (alpha - 1.0)
-    dtype = rows.dtype
     kept, kept_index, argmax = _sparse_candidates(rows, source, group, similarity, candidates)
-    # Everything relative to the row maximum: x = (alpha - 1) beta (s - s_max) in float64, <= 0,
-    # finite for any beta and similarity in range, the support in x > -1.
+    return sparse_finish(rows, source, group, beta, similarity, alpha, kept, kept_index, argmax)
+
+
+def sparse_threshold(kept: Tensor, beta: float, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s_max, x, tau)`` of descending candidate scores: ``x = (alpha - 1) beta (s - s_max)``
+    and the exact threshold ``tau`` of those candidates (float64). Taking in more memories can
+    only raise ``tau``, so it bounds the threshold of any superset from below."""
     s_max = kept[:, 0].double()
     x = numerics.relative_scores(kept.double(), s_max, (alpha - 1.0) * beta)
-    tau = numerics.solve_threshold(x, alpha)
+    return s_max, x, numerics.solve_threshold(x, alpha)
+
+
+def sparse_finish(rows, source, group, beta, similarity, alpha, kept, kept_index, argmax):
+    """One sparse update from each row's best ``kept`` scores over ``source`` (descending, with
+    their global indices): the threshold solved on them, Newton passes over the source for rows
+    whose support outgrew them, the support's value rows gathered."""
+    q = 1.0 / (alpha - 1.0)
+    dtype = rows.dtype
+    # Everything relative to the row maximum: x = (alpha - 1) beta (s - s_max) in float64, <= 0,
+    # finite for any beta and similarity in range, the support in x > -1.
+    s_max, x, tau = sparse_threshold(kept, beta, alpha)
     # As in the torch backend: the buffer's threshold is the row's when it lies at or above the
     # smallest kept score (or nothing was left out); other rows need passes over the bank.
     if kept.shape[1] < source.num_memories:

@@ -38,6 +38,9 @@ class RetrieveOptions:
     tol: float | None
     clamp_mask: Tensor | None
     return_info: bool
+    # The softmax / polynomial weight an indexed bank may skip (None: the default); not a kernel
+    # argument: the backends scan, the indexed driver (hen_fast.indexed) skips.
+    eps: float | None = None
 
     def kernel_kwargs(self) -> dict:
         return dict(beta=self.beta, similarity=self.similarity, separation=self.separation,
@@ -72,6 +75,7 @@ def check_arguments(
     check_finite,
     memory_cap=None,
     check_devices=True,
+    eps=None,
 ) -> CheckedArguments:
     """Every check :func:`hen_fast.retrieve` makes, raising its TypeError/ValueError; shared with
     :class:`hen_fast.distributed.ShardedMemory` (which passes its local shard as ``memories``)."""
@@ -145,6 +149,15 @@ def check_arguments(
         )
     if clamp_mask is not None:
         clamp_mask = _check_mask(clamp_mask, queries, value_dim)
+    if eps is not None:
+        eps = check_real("eps", eps)
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"eps must lie in [0, 1) (a fraction of the weight), got {eps}")
+        if separation not in ("softmax", "polynomial"):
+            raise ValueError(
+                f"eps bounds the skipped weight of softmax and polynomial; {separation!r} over an "
+                f"index skips only memories of weight exactly 0, so it takes no eps"
+            )
     if memory_cap is not None:
         if isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Integral):
             raise TypeError(f"memory_cap must be an int (bytes) or None, got {memory_cap!r}")
@@ -159,7 +172,7 @@ def check_arguments(
                 require_finite(name, tensor)
 
     options = RetrieveOptions(beta, similarity, separation, alpha, degree, int(steps), tol,
-                              clamp_mask, return_info)  # fmt: skip
+                              clamp_mask, return_info, eps)  # fmt: skip
     return CheckedArguments(single, queries2d, options)
 
 

@@ -41,9 +41,9 @@ class ArgmaxState:
         return cls(best, index + start)
 
     def merge(self, later: ArgmaxState) -> ArgmaxState:
-        """``later`` holds memories after this state's: strict ``>``, so a tie keeps the first
-        index, as one pass over the whole bank would."""
-        better = later.best > self.best
+        """A larger best wins; a tie keeps the smaller index, as one pass over the whole bank
+        would (parts may come in any order: an indexed bank visits its clusters by bound)."""
+        better = (later.best > self.best) | ((later.best == self.best) & (later.index < self.index))
         return ArgmaxState(
             torch.where(better, later.best, self.best), torch.where(better, later.index, self.index)
         )

@@ -104,6 +104,9 @@ class ChunkSource:
         self.num_memories = self.local_count if num_memories is None else num_memories
         self.value_dim = keys.shape[1] if values is None else values.shape[1]
         self.desc = desc
+        # The bank's BankIndex, when it has one (hen_fast.indexed reads only the clusters a
+        # query needs); None: every update scans.
+        self.index = None
 
     @property
     def in_memory(self) -> bool:
@@ -175,10 +178,17 @@ class ChunkSource:
 
 
 def bank_source(queries: Tensor, keys: Tensor, values, norms, *, memory_cap, bank,
-                similarity: str) -> ChunkSource:  # fmt: skip
+                similarity: str, index=None) -> ChunkSource:  # fmt: skip
     """The source of one process's bank for :func:`hen_fast.retrieve`: whole in memory, unless
     ``memory_cap`` bounds it, the bank is memory-mapped (chunks of DEFAULT_MAPPED_CAP bytes), or
     a host bank meets queries on a GPU (two chunks in flight, each half the cap)."""
+    source = _bank_chunks(queries, keys, values, norms, memory_cap=memory_cap, bank=bank,
+                          similarity=similarity)  # fmt: skip
+    source.index = index  # from the same snapshot of the bank as the tensors
+    return source
+
+
+def _bank_chunks(queries, keys, values, norms, *, memory_cap, bank, similarity) -> ChunkSource:
     double = needs_double_buffer(keys, queries.device)
     whole = ChunkSource(keys, values, norms, chunk_rows=keys.shape[0], device=queries.device)
     if memory_cap is None:

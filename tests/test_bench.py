@@ -105,11 +105,7 @@ def test_the_module_imports_only_the_core_at_module_level():
 def test_gpu_script_smoke_runs_triton_through_the_interpreter(tmp_path, capsys, monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # restored afterwards; the run sets it too
-    spec = importlib.util.spec_from_file_location(
-        "bench_retrieve_gpu", ROOT / "benchmarks" / "bench_retrieve_gpu.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("bench_retrieve_gpu")
     out = tmp_path / "gpu.json"
     args = ["--smoke", "--B", "3", "--similarities", "dot", "--out", str(out)]
     assert script.main([*args, "--separations", "softmax", "sparsemax"]) == 0
@@ -168,6 +164,14 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
     assert "--B" in capsys.readouterr().err and not out.exists()
 
 
+def benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_crossover_script_times_every_path_and_records_the_cpu(tmp_path):
     """benchmarks/crossover_cpu.py --quick (the measurement behind the cpu backend's path rule):
     a row per case with a positive time for the one-pass path, the tiled path and the torch
@@ -176,10 +180,7 @@ def test_crossover_script_times_every_path_and_records_the_cpu(tmp_path):
 
     if not cpu.load_extension():
         pytest.skip("the C++ kernel is not built")
-    script = ROOT / "benchmarks" / "crossover_cpu.py"
-    spec = importlib.util.spec_from_file_location("crossover_cpu", script)
-    crossover = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(crossover)
+    crossover = benchmark_script("crossover_cpu")
     out = tmp_path / "crossover.json"
     crossover.main(["--quick", "--out", str(out)])
     result = json.loads(out.read_text())
@@ -190,3 +191,27 @@ def test_crossover_script_times_every_path_and_records_the_cpu(tmp_path):
     for row in result["rows"]:
         assert set(row["ms"]) == {f"onepass-{isa}", "tiled", "torch"}
         assert all(positive(ms) for ms in row["ms"].values()), row
+
+
+def test_index_script_compares_indexed_and_scanned_calls(tmp_path, capsys):
+    """benchmarks/index_cpu.py --quick: a row per case with both times, the fraction read, the
+    agreement with the scan, the CPU it ran on, and the plot."""
+    index_cpu = benchmark_script("index_cpu")
+    out = tmp_path / "index.json"
+    index_cpu.main(["--quick", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["cpu"] == machine.machine_name("cpu") and out.with_suffix(".png").exists()
+    assert {row["separation"] for row in result["rows"]} == {"sparsemax", "entmax", "softmax"}
+    assert {row["data"] for row in result["rows"]} == {"clustered", "isotropic"}
+    for row in result["rows"]:
+        assert positive(row["indexed_ms"]) and positive(row["scan_ms"]), row
+        assert 0 < row["fraction_read"] <= 1 and row["same_support"] and row["same_argmax"]
+        assert row["max_abs_diff"] < 1e-4, row
+    # --table: the README's table and the plot again, from the saved JSON
+    out.with_suffix(".png").unlink()
+    capsys.readouterr()
+    index_cpu.main(["--table", str(out)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| data, M, clusters | B | beta | sparsemax | entmax | softmax |")
+    assert len(lines) == 2 + 2 * 2 * 2  # (clustered, isotropic) x B (1, 4) x beta (30, 300)
+    assert out.with_suffix(".png").exists()
