@@ -227,12 +227,14 @@ class MemoryBank:
         verifies it against the keys.
 
         Args:
-            num_clusters: default about ``sqrt(M)``.
+            num_clusters: default ``round(4 sqrt(M))``
+                (:func:`hen_fast.index.default_num_clusters`).
             labels: ``(M,)`` integer cluster per memory, in ``[0, num_clusters)``, instead of
                 k-means (any partition gives exact results; a poor one reads more).
             iters: Lloyd iterations of k-means (on a seeded sample of the bank).
             seed: seeds the k-means sample and its initial centres.
-            progress: a progress bar for the assignment (default: for banks of >= 2^20 rows).
+            progress: progress bars for k-means and the assignment (default: for banks of >=
+                2^20 rows, on a terminal).
         """
         with self._lock:
             state = self._state

@@ -48,15 +48,15 @@ from .sources import LOCAL
 DEFAULT_EPS = 2.0**-24
 # A query that would read more of the bank than this goes to the whole-bank scan instead: a
 # visit costs a row 3-9x what the scan does (gathered rows, rounds of small torch ops), so past
-# about a tenth of the bank the scan is faster (benchmarks/index_cpu.py: 9% read ran 1.6x faster
-# than the scan, 22% 2x slower).
+# about a tenth of the bank the scan is faster (benchmarks/index_cpu.py, 1e6 x 128: 9% read ran
+# 1.0-1.6x faster than the scan, 22% 2x slower).
 FALLBACK_FRACTION = 0.1
-# What a query's visit costs beyond its rows (bounds, a few rounds of small torch ops: ~1.3 ms
-# on a 2-core CPU) is about 4 times the scan's reading of this many bytes at ~20 GB/s: a call
-# with more than one query per this much of the bank goes whole to the scan. From
-# benchmarks/index_cpu.py's sweep: indexed, a 1e5 x 128 float32 bank (49 MiB) lost to the scan
-# for one query at any fraction read, 3e5 x 128 (146 MiB) gained for one query and lost for
-# eight, 1e6 x 128 (488 MiB) gained for eight.
+# A call on a bank of fewer bytes than this per query goes whole to the scan: a visit's fixed
+# cost (bounds, a few rounds of small torch ops: ~1.3 ms on a 2-core CPU) leaves too little to
+# gain against a scan of that size (~3 ms at ~20 GB/s). From benchmarks/index_cpu.py's sweep:
+# indexed, a 1e5 x 128 float32 bank (49 MiB) lost to the scan for one query at any fraction
+# read, 3e5 x 128 (146 MiB) gained for one query (1.2-2.1x) and lost for eight, 1e6 x 128
+# (488 MiB) gained for eight.
 QUERY_OVERHEAD_BYTES = 56 << 20
 # Candidates a sparse visit keeps: a larger support gets Newton passes over the rows read (few),
 # and every round's top-k over the candidates costs in proportion.
@@ -121,7 +121,7 @@ class IndexedBank:
         starts = self.start_table[clusters]
         return list(zip(starts.tolist(), (starts + self.size_counts[clusters]).tolist()))
 
-    def gather(self, clusters: list[int], device, with_values: bool = True):
+    def gather(self, clusters: Tensor, device, with_values: bool = True):
         """``(global index, keys, norms or None, values or None)`` of these clusters' rows, in
         one block on ``device``: one gather and one scoring per round of a visit, since a call
         per cluster costs more than a small cluster's rows."""
@@ -167,8 +167,9 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
                               degree=degree, candidates=candidates, eps=eps)
                   for row in range(count)]  # fmt: skip
         fallback = _visit_within(visits, pool)
+        scanned = set(fallback)
         for row, visit in enumerate(visits):
-            if row not in fallback:
+            if row not in scanned:
                 for field, value in zip(fields, visit.result(want_info)):
                     field[row] = value[0]
     if fallback:

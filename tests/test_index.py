@@ -17,6 +17,8 @@ from hen_fast.index import BankIndex, cluster_statistics, kmeans_labels, score_b
 from helpers import rel_err, tolerance, value_scale
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers", "small_banks_indexed")
+# The shipped rule, before the fixture below changes it for these tiny banks (README: 56 MiB).
+SHIPPED_OVERHEAD_BYTES = indexed.QUERY_OVERHEAD_BYTES
 
 
 @pytest.fixture
@@ -254,7 +256,8 @@ def test_many_queries_share_one_scan(gen):
 
 def test_small_banks_are_scanned(gen, monkeypatch):
     """A bank of fewer bytes than QUERY_OVERHEAD_BYTES per query is scanned, of more indexed."""
-    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", 56 << 20)  # the default
+    assert SHIPPED_OVERHEAD_BYTES == 56 << 20
+    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", SHIPPED_OVERHEAD_BYTES)
     bank, queries = clustered_bank(gen, count=1)
     info = assert_as_scan(queries, bank, beta=4.0, separation="sparsemax")
     assert bool((info.fraction_read == 1).all())
@@ -460,3 +463,24 @@ def test_bad_arguments():
         hen_fast.retrieve(torch.randn(4), bank, separation="sparsemax", eps=1e-3)
     with pytest.raises(TypeError):
         hen_fast.retrieve(torch.randn(4), bank, eps="small")
+
+
+def test_build_progress_bars(gen, monkeypatch):
+    """progress=True shows bars for k-means and the assignment (on a terminal: tqdm's
+    disable=None), progress=False none; the default shows them from 2^20 rows."""
+    import tqdm.auto
+
+    shown = []
+
+    def recording(iterable, desc=None, **kwargs):
+        shown.append(desc)
+        return iterable
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    bank = MemoryBank(torch.randn(300, 8, generator=gen))
+    bank.build_index(6, progress=True)
+    assert shown == ["k-means", "assigning clusters"]
+    shown.clear()
+    bank.build_index(6, progress=False)
+    bank.build_index(6)  # 300 rows: under the default's 2^20
+    assert shown == []
