@@ -26,6 +26,7 @@ def retrieve(
     steps: int = 1,
     tol: float | None = None,
     clamp_mask: Tensor | None = None,
+    score_mask: Tensor | None = None,
     backend: str = "auto",
     return_info: bool = False,
     check_finite: bool = True,
@@ -53,6 +54,13 @@ def retrieve(
             (Euclidean norm); None runs every step.
         clamp_mask: boolean, broadcastable to the queries: components held at their query value
             after every update (partial cues, hetero-association). Needs ``dv == d``.
+        score_mask: boolean, broadcastable to the queries: the components each query's
+            similarity sums over (e.g. the known part of an occluded cue), at every update:
+            dot ``sum_S x_j k_j``, l2 ``-sum_S (x_j - k_j)^2``, manhattan ``-sum_S |x_j - k_j|``
+            over the query's True components ``S``; the values are read whole, components
+            outside ``S`` are not read, an empty ``S`` scores every memory 0. Exact on every
+            backend and source (:mod:`hen_fast.masked`); l2 and manhattan make one call per
+            distinct mask over the gathered columns of the keys and scan an indexed bank.
         backend: ``"auto"`` (the fastest available for the inputs' device) or a name from
             :func:`hen_fast.available_backends`.
         return_info: also return a :class:`~hen_fast.RetrieveInfo`.
@@ -119,7 +127,7 @@ def retrieve(
     args = check_arguments(
         queries, memories, values, beta=beta, similarity=similarity, separation=separation,
         alpha=alpha, degree=degree, steps=steps, tol=tol, clamp_mask=clamp_mask,
-        return_info=return_info, check_finite=check_finite and bank is None,
+        score_mask=score_mask, return_info=return_info, check_finite=check_finite and bank is None,
         memory_cap=memory_cap, check_devices=not host_bank, eps=eps,
     )  # fmt: skip
     if check_finite and bank is not None:

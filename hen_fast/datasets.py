@@ -71,6 +71,25 @@ def _photo(name: str) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
+def heldout_photo_patches(
+    size: int = 32, stride: int | None = None, limit: int | None = None, seed: int = 0
+) -> torch.Tensor:
+    """Colour patches ``(N, 3, size, size)`` of scikit-learn's two bundled photos (``china.jpg``,
+    ``flower.jpg``; 427 x 640), cut and chosen like :func:`natural_patches`. No shipped model was
+    trained or tuned on them (they are neither TRAIN_PHOTOS nor EVAL_PHOTOS): images the
+    encoders never saw."""
+    sample = require("sklearn.datasets", "hen").load_sample_images()
+    photos = [torch.tensor(a).permute(2, 0, 1).float().div_(255.0) for a in sample.images]
+    return _cut_patches(photos, size, stride, limit, seed)
+
+
+def faces() -> torch.Tensor:
+    """scikit-image's 200 grey 25 x 25 faces (``lfw_subset``) ``(200, 1, 25, 25)``: held out from
+    every shipped model."""
+    photos = require("skimage.data", "hen")
+    return torch.as_tensor(photos.lfw_subset()).float().unsqueeze(1).clamp_(0.0, 1.0)
+
+
 def natural_patches(
     split: str = "all",
     size: int = 32,
@@ -83,13 +102,16 @@ def natural_patches(
     different photos. ``limit`` keeps that many, chosen at random by ``seed`` (the order is
     shuffled by ``seed`` either way)."""
     _check_split(split)
+    photos = {"train": TRAIN_PHOTOS, "eval": EVAL_PHOTOS}.get(split, TRAIN_PHOTOS + EVAL_PHOTOS)
+    return _cut_patches([_photo(name) for name in photos], size, stride, limit, seed)
+
+
+def _cut_patches(photos, size, stride, limit, seed) -> torch.Tensor:
     if size < 1 or (stride is not None and stride < 1):
         raise ValueError(f"size and stride must be >= 1, got size={size}, stride={stride}")
     stride = stride or size
-    photos = {"train": TRAIN_PHOTOS, "eval": EVAL_PHOTOS}.get(split, TRAIN_PHOTOS + EVAL_PHOTOS)
     patches = []
-    for name in photos:
-        photo = _photo(name)
+    for photo in photos:
         grid = photo.unfold(1, size, stride).unfold(2, size, stride)  # (3, rows, cols, size, size)
         patches.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
     patches = torch.cat(patches)
@@ -141,8 +163,17 @@ def image_folder(
 def mask_lower_half(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Occluded cues: the lower half of each ``(N, C, H, W)`` image set to 0. Returns the cues and
     the boolean mask of the pixels that stayed visible (same shape)."""
+    return mask_lower(images, 0.5)
+
+
+def mask_lower(images: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Occluded cues: the lower ``fraction`` of each image's rows (rounded to whole rows) set to
+    0; the cues and the mask of the visible pixels."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
     visible = torch.ones_like(images, dtype=torch.bool)
-    visible[..., images.shape[-2] // 2 :, :] = False
+    height = images.shape[-2]
+    visible[..., height - round(fraction * height) :, :] = False
     return images * visible, visible
 
 

@@ -118,7 +118,8 @@ class ShardedMemory:
     def retrieve(self, queries: Tensor, *, beta: float = 1.0, similarity: str = "dot",
                  separation: str = "softmax", alpha: float = 1.5, degree: float = 10,
                  steps: int = 1, tol: float | None = None, clamp_mask: Tensor | None = None,
-                 backend: str = "auto", return_info: bool = False, check_finite: bool = True,
+                 score_mask: Tensor | None = None, backend: str = "auto",
+                 return_info: bool = False, check_finite: bool = True,
                  memory_cap: int | None = None):  # fmt: skip
         """:func:`hen_fast.retrieve` over the whole sharded bank; a collective (call it on every
         rank with the same arguments). ``info.argmax`` indexes the whole bank. ``memory_cap``
@@ -126,8 +127,8 @@ class ShardedMemory:
         args = check_arguments(
             queries, self.keys, self.values, beta=beta, similarity=similarity,
             separation=separation, alpha=alpha, degree=degree, steps=steps, tol=tol,
-            clamp_mask=clamp_mask, return_info=return_info, check_finite=False,
-            memory_cap=memory_cap,
+            clamp_mask=clamp_mask, score_mask=score_mask, return_info=return_info,
+            check_finite=False, memory_cap=memory_cap,
         )  # fmt: skip
         if check_finite:
             flags = self._gather_ints([int(self._shard_finite()), int(all_finite(queries))])

@@ -82,9 +82,8 @@ class HopfieldEncodingNetwork:
 
     Cues are images like the stored ones, converted and resized by the encoder. With
     ``known`` (a boolean mask of the cue pixels that are real, e.g. the visible part of an
-    occluded image) recall is occlusion-aware: for raw pixels the similarity is computed over the
-    known pixels only (exactly; see :meth:`recall`), for other encoders the known pixels are put
-    back into the decoded image before it is re-encoded for the next update.
+    occluded image) recall is occlusion-aware: memories are scored over the latent coordinates
+    that the known pixels determine (:meth:`recall`).
     """
 
     def __init__(
@@ -141,12 +140,16 @@ class HopfieldEncodingNetwork:
         """Images ``(N, channels, *image_size)`` recalled from ``cues`` (N, C, H, W) in [0, 1].
 
         ``known``: optional boolean mask broadcastable to ``cues``, True where the cue's pixel is
-        real. Raw pixels (the identity encoder) then score memories over the known pixels only:
-        ``dot`` as ``(m x) . k``, ``l2`` as ``2 (m x) . k - m . k^2`` (a dot product with the
-        bank's squares appended, equal to ``-||m (x - k)||^2`` up to a per-query constant that
-        the separations ignore), ``manhattan`` per distinct mask with masked keys. A masked score
-        does not change once the known pixels are held, so this is one update. Other encoders
-        decode after every update, put the known pixels back, and re-encode."""
+        real; hidden pixels are never read (the encoder sees zeros there). Memories are then
+        scored over the latent coordinates the known pixels determine,
+        ``encoder.latent_mask(known)`` (``retrieve``'s ``score_mask``: exact, in the fused
+        kernels): raw pixels, the known pixels themselves; a tiled spatial encoder, the latent
+        positions of the fully known tiles (exact); an untiled one, the positions whose own
+        block of pixels is known (close: such models mix the whole image into every position).
+        The masked score does not change once those coordinates are held, so this is one update
+        whatever ``steps`` says. A cue that determines no coordinate is scored on all of them.
+        Encoders whose latents are not spatial (``latent_mask`` None) instead decode after every
+        update, put the known pixels back, and re-encode, for ``steps`` updates."""
         latents, _ = self._recall_latents(cues, known, steps)
         return self.encoder.decode(latents, batch_size=self.batch_size, progress=self.progress)
 
@@ -158,18 +161,16 @@ class HopfieldEncodingNetwork:
         _, info = self._recall_latents(cues, known, steps)
         return info.argmax
 
-    def _retrieve(
-        self, queries: Tensor, memories: Tensor, values=None, *, similarity=None, steps=1
-    ):
+    def _retrieve(self, queries: Tensor, memories: Tensor, *, steps=1, score_mask=None):
         return retrieve(
             queries,
             memories,
-            values,
             beta=self.beta,
-            similarity=similarity or self.similarity,
+            similarity=self.similarity,
             separation=self.separation,
             alpha=self.alpha,
             steps=steps,
+            score_mask=score_mask,
             backend=self.backend,
             return_info=True,
         )
@@ -178,7 +179,7 @@ class HopfieldEncodingNetwork:
         return self.encoder.encode(images, batch_size=self.batch_size, progress=self.progress)
 
     def _recall_latents(self, cues, known, steps):
-        from .encoders import IdentityEncoder, check_images
+        from .encoders import check_images
 
         steps = self.steps if steps is None else _check_steps(steps)
         check_images(cues, "cues")
@@ -189,10 +190,14 @@ class HopfieldEncodingNetwork:
         if known is None:
             return self._retrieve(self._encode(cues), self._latents, steps=steps)
         known = self._prepare_known(known, cues)
-        prepared = self.encoder.prepare(cues).to(self.encoder.device)
-        if isinstance(self.encoder, IdentityEncoder):
-            return self._masked_pixel_recall(prepared.flatten(1), known.flatten(1))
+        # Hidden pixels are never read: whatever the cue holds there, the encoder sees zeros.
+        prepared = torch.where(known, self.encoder.prepare(cues).to(self.encoder.device), 0.0)
         latents = self._encode(prepared)
+        latent_mask = self.encoder.latent_mask(known[:, 0])
+        if latent_mask is not None:
+            # A cue whose known pixels determine no latent coordinate is scored on them all.
+            latent_mask = latent_mask | ~latent_mask.any(1, keepdim=True)
+            return self._retrieve(latents, self._latents, score_mask=latent_mask)
         for step in range(steps):
             latents, info = self._retrieve(latents, self._latents)
             if step + 1 < steps:
@@ -217,45 +222,6 @@ class HopfieldEncodingNetwork:
         fraction = resize(known.float().amin(1, keepdim=True), self.encoder.image_size)
         mask = fraction >= 1.0 - 1e-6
         return mask.expand(-1, self.encoder.channels, -1, -1).to(self.encoder.device)
-
-    def _masked_pixel_recall(self, queries: Tensor, known: Tensor):
-        """One update scored over each query's known pixels only (see :meth:`recall`)."""
-        bank = self._latents
-        masked = queries * known
-        if self.similarity == "dot":
-            return self._retrieve(masked, bank, bank)
-        if self.similarity == "l2":
-            weights = known.to(bank.dtype)
-            return self._retrieve(
-                torch.cat([2 * masked, -weights], 1),
-                torch.cat([bank, bank * bank], 1),
-                bank,
-                similarity="dot",
-            )
-        # manhattan: |m x - m k| = m |x - k| for a 0/1 mask, but the keys depend on the mask,
-        # so one call per distinct mask (one call in all for a shared occlusion).
-        masks, group = torch.unique(known, dim=0, return_inverse=True)
-        out = torch.empty_like(queries)
-        infos = []
-        for index, mask in enumerate(masks):
-            rows = (group == index).nonzero().squeeze(1)
-            part, info = self._retrieve(masked[rows], bank * mask, bank)
-            out[rows] = part
-            infos.append((rows, info))
-        return out, _merge_infos(infos, queries.shape[0])
-
-
-def _merge_infos(parts, count: int):
-    """One RetrieveInfo for queries answered in groups (``parts``: (rows, info) pairs)."""
-    from .info import RetrieveInfo
-
-    fields = []
-    for position, like in enumerate(parts[0][1].as_tuple()):
-        merged = torch.empty(count, dtype=like.dtype, device=like.device)
-        for rows, info in parts:
-            merged[rows] = info.as_tuple()[position]
-        fields.append(merged)
-    return RetrieveInfo(*fields)
 
 
 class HeteroAssociativeNetwork:

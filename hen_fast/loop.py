@@ -18,6 +18,7 @@ def iterate(
     tol: float | None,
     clamp_mask: Tensor | None,
     return_info: bool,
+    score_mask: Tensor | None = None,
 ):
     """The update loop shared by the host-driven backends.
 
@@ -26,23 +27,26 @@ def iterate(
     ``return_info``), or with more info fields after ``lse`` (an indexed bank's
     ``fraction_read``, ``mass_bound``), kept like the others. Components under ``clamp_mask``
     are held at their query value; with ``tol``, a query that moved by at most ``tol`` stops and
-    its rows are no longer passed to ``one_step``. Returns ``(out in the queries' dtype, info or
-    None)``.
+    its rows are no longer passed to ``one_step``. With ``score_mask`` (B, d) the call is
+    ``one_step(rows, mask)``, each row with its mask row (:mod:`hen_fast.masked`). Returns
+    ``(out in the queries' dtype, info or None)``.
 
     Under ``torch.compile`` with ``tol`` the loop runs :func:`_iterate_masked` instead: the same
     results without a batch whose size depends on the data.
     """
     if tol is not None and steps > 1 and torch.compiler.is_compiling():
         return _iterate_masked(one_step, queries, dtype, steps=steps, tol=tol,
-                               clamp_mask=clamp_mask, return_info=return_info)  # fmt: skip
+                               clamp_mask=clamp_mask, return_info=return_info,
+                               score_mask=score_mask)  # fmt: skip
     num_queries = queries.shape[0]
     x0, mask, (steps_taken, *fields) = _start(queries, dtype, clamp_mask)
     x, device = x0, x0.device
+    one_step = _with_score_mask(one_step, score_mask, device)
     tol = tol if steps > 1 else None  # one update needs no stopping rule (and dv may differ from d)
     active = None  # None: every query is still moving
     for _ in range(steps):
         rows = x if active is None else x[active]
-        new, *step_fields = one_step(rows)
+        new, *step_fields = one_step(rows, active)
         step_fields = [_in_dtype(f, dtype) for f in step_fields]
         if mask is not None:
             held = mask if active is None else mask[active]
@@ -69,7 +73,8 @@ def iterate(
 
 
 def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int, tol: float,
-                    clamp_mask: Tensor | None, return_info: bool):  # fmt: skip
+                    clamp_mask: Tensor | None, return_info: bool,
+                    score_mask: Tensor | None = None):  # fmt: skip
     """:func:`iterate` with ``tol`` as a graph ``torch.compile`` can capture whole.
 
     The eager loop passes only the moving queries to ``one_step`` (``x[active]``, a size known
@@ -82,8 +87,9 @@ def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int
     x0, mask, (steps_taken, *fields) = _start(queries, dtype, clamp_mask)
     x = x0
     moving = torch.ones(queries.shape[0], dtype=torch.bool, device=x0.device)
+    one_step = _with_score_mask(one_step, score_mask, x0.device)
     for step in range(steps):
-        new, *step_fields = one_step(x)
+        new, *step_fields = one_step(x, None)
         step_fields = [_in_dtype(f, dtype) for f in step_fields]
         if mask is not None:
             new = torch.where(mask, x0, new)
@@ -97,6 +103,15 @@ def _iterate_masked(one_step, queries: Tensor, dtype: torch.dtype, *, steps: int
         moving = moving & (moved > tol)
     info = RetrieveInfo(steps_taken, *fields) if return_info else None
     return x.to(queries.dtype), info
+
+
+def _with_score_mask(one_step, score_mask: Tensor | None, device):
+    """``step(rows, active)``: ``one_step`` of the rows (``active``: their indices, None for all),
+    given their rows of ``score_mask`` when there is one."""
+    if score_mask is None:
+        return lambda rows, active: one_step(rows)
+    score_mask = score_mask.to(device)
+    return lambda rows, active: one_step(rows, score_mask if active is None else score_mask[active])
 
 
 def _start(queries: Tensor, dtype: torch.dtype, clamp_mask: Tensor | None):

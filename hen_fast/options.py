@@ -41,6 +41,9 @@ class RetrieveOptions:
     # The softmax / polynomial weight an indexed bank may skip (None: the default); not a kernel
     # argument: the backends scan, the indexed driver (hen_fast.indexed) skips.
     eps: float | None = None
+    # (B, d) bool: the coordinates each query's similarity sums over (None: all); not a kernel
+    # argument: hen_fast.masked gives the backends the masked query, or the masked columns.
+    score_mask: Tensor | None = None
 
     def kernel_kwargs(self) -> dict:
         return dict(beta=self.beta, similarity=self.similarity, separation=self.separation,
@@ -76,6 +79,7 @@ def check_arguments(
     memory_cap=None,
     check_devices=True,
     eps=None,
+    score_mask=None,
 ) -> CheckedArguments:
     """Every check :func:`hen_fast.retrieve` makes, raising its TypeError/ValueError; shared with
     :class:`hen_fast.distributed.ShardedMemory` (which passes its local shard as ``memories``)."""
@@ -108,9 +112,10 @@ def check_arguments(
     if value_dim == 0:
         raise ValueError(f"values must have at least one column, got shape {tuple(values.shape)}")
     if check_devices:
-        _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask)
+        _check_devices(queries=queries, memories=memories, values=values, clamp_mask=clamp_mask,
+                       score_mask=score_mask)  # fmt: skip
     else:
-        _check_devices(queries=queries, clamp_mask=clamp_mask)
+        _check_devices(queries=queries, clamp_mask=clamp_mask, score_mask=score_mask)
         _check_devices(memories=memories, values=values)
 
     beta = check_real("beta", beta, positive=True)
@@ -148,7 +153,14 @@ def check_arguments(
             f"have the queries' dimension d={dim}, got dv={value_dim}"
         )
     if clamp_mask is not None:
-        clamp_mask = _check_mask(clamp_mask, queries, value_dim)
+        clamp_mask = _check_mask("clamp_mask", clamp_mask, queries)
+        if value_dim != dim:
+            raise ValueError(
+                f"clamp_mask holds components of the query in the output, so values must "
+                f"have the queries' dimension d={dim}, got dv={value_dim}"
+            )
+    if score_mask is not None:
+        score_mask = _check_mask("score_mask", score_mask, queries)
     if eps is not None:
         eps = check_real("eps", eps)
         if not 0.0 <= eps < 1.0:
@@ -172,7 +184,7 @@ def check_arguments(
                 require_finite(name, tensor)
 
     options = RetrieveOptions(beta, similarity, separation, alpha, degree, int(steps), tol,
-                              clamp_mask, return_info, eps)  # fmt: skip
+                              clamp_mask, return_info, eps, score_mask)  # fmt: skip
     return CheckedArguments(single, queries2d, options)
 
 
@@ -247,22 +259,18 @@ def check_real(name: str, value, positive: bool = False) -> float:
     return value
 
 
-def _check_mask(clamp_mask, queries: Tensor, value_dim: int) -> Tensor:
-    if not isinstance(clamp_mask, Tensor):
-        raise TypeError(f"clamp_mask must be a torch.Tensor, got {type(clamp_mask).__name__}")
-    if clamp_mask.dtype != torch.bool:
-        raise TypeError(f"clamp_mask must be a bool tensor, got {clamp_mask.dtype}")
-    if value_dim != queries.shape[-1]:
-        raise ValueError(
-            f"clamp_mask holds components of the query in the output, so values must "
-            f"have the queries' dimension d={queries.shape[-1]}, got dv={value_dim}"
-        )
+def _check_mask(name: str, mask, queries: Tensor) -> Tensor:
+    """A bool mask over the queries' components (clamp_mask, score_mask), broadcast to (B, d)."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor, got {mask.dtype}")
     try:
-        torch.broadcast_shapes(clamp_mask.shape, queries.shape)
-        expanded = clamp_mask.broadcast_to(queries.shape)
+        torch.broadcast_shapes(mask.shape, queries.shape)
+        expanded = mask.broadcast_to(queries.shape)
     except RuntimeError:
         raise ValueError(
-            f"clamp_mask of shape {tuple(clamp_mask.shape)} does not broadcast to the "
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to the "
             f"queries' shape {tuple(queries.shape)}"
         ) from None
     return expanded.reshape(-1, queries.shape[-1])

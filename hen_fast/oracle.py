@@ -61,6 +61,18 @@ def naive_separation(z: Tensor, separation: str, alpha: float = 1.5, degree: flo
     return p / p.sum(dim=-1, keepdim=True)
 
 
+def naive_masked_scores(x: Tensor, keys: Tensor, similarity: str, mask: Tensor) -> Tensor:
+    """(B, M) similarities summing only the terms of the coordinates ``mask`` (B, d) holds."""
+    if similarity == "dot":
+        terms = x[:, None, :] * keys[None, :, :]
+    elif similarity == "l2":
+        terms = -((x[:, None, :] - keys[None, :, :]) ** 2)
+    else:
+        terms = -(x[:, None, :] - keys[None, :, :]).abs()
+    # where, not a product: a term outside the mask is 0 even when it is inf or nan.
+    return torch.where(mask[:, None, :], terms, 0.0).sum(2)
+
+
 def naive_info(
     scores: Tensor, p: Tensor, beta: float, separation: str, alpha: float = 1.5, degree: float = 10
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -83,9 +95,10 @@ def naive_retrieve(queries: Tensor, memories: Tensor, values: Tensor | None = No
                    beta: float = 1.0, similarity: str = "dot", separation: str = "softmax",
                    alpha: float = 1.5, degree: float = 10, steps: int = 1,
                    tol: float | None = None, clamp_mask: Tensor | None = None,
-                   return_info: bool = False):  # fmt: skip
+                   score_mask: Tensor | None = None, return_info: bool = False):  # fmt: skip
     """The float64 output of :func:`hen_fast.retrieve` computed the plain way (small inputs only),
-    with the :class:`RetrieveInfo` as well when ``return_info``."""
+    with the :class:`RetrieveInfo` as well when ``return_info``. ``score_mask``: each term of the
+    similarity kept or dropped by the query's mask, every query against every memory at once."""
     keys = memories.double()
     values = keys if values is None else values.double()
     x0 = queries.double()
@@ -98,8 +111,12 @@ def naive_retrieve(queries: Tensor, memories: Tensor, values: Tensor | None = No
         torch.zeros(rows, dtype=torch.long),
         torch.zeros(rows, dtype=torch.float64),
     ]
+    mask = None if score_mask is None else score_mask.to(x.device).broadcast_to(x.shape)
     for _ in range(steps):
-        scores = naive_scores(x, keys, similarity)
+        if mask is None:
+            scores = naive_scores(x, keys, similarity)
+        else:
+            scores = naive_masked_scores(x, keys, similarity, mask)
         p = naive_separation(beta * scores, separation, alpha, degree)
         new = p @ values
         if clamp_mask is not None:

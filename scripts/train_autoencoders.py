@@ -4,6 +4,7 @@ with.
     nice -n 10 python scripts/train_autoencoders.py                 # train all four, then --tune
     python scripts/train_autoencoders.py --models mnist-vq --steps 300
     python scripts/train_autoencoders.py --tune                      # re-measure recommended only
+    python scripts/train_autoencoders.py --evaluate                  # re-measure reconstructions
 
 Models (diffusers classes, 3 blocks of (16, 32, 32) channels, 4 latent channels, downsampling by
 4): ``mnist-kl`` / ``mnist-vq`` on the train split of MNIST 5k (1x28x28 -> 4x7x7 latents) and
@@ -11,7 +12,8 @@ Models (diffusers classes, 3 blocks of (16, 32, 32) channels, 4 latent channels,
 Each writes ``hen_fast/encoders/weights/<name>.safetensors`` and ``<name>.json``: config, training
 set-up (seed, steps, batch size, learning rate, date, versions) and the reconstruction MSE on the
 disjoint eval split. ``--tune`` stores the eval split in a Hopfield network, recalls it from
-occluded and noisy cues over a grid of (similarity, beta, steps), and records the setting with the
+occluded cues (scored on every latent, and on the latent mask of the known pixels) and noisy cues
+over a grid of (similarity, beta, steps), and records the setting with the
 best exact recall in each json's ``recommended`` (and prints the one for raw pixels).
 """
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 import hen_fast
 from hen_fast import datasets, encoders
-from hen_fast.encoders.shipped import WEIGHTS_DIR, autoencoder_config
+from hen_fast.encoders.shipped import DEFAULT_TILES, WEIGHTS_DIR, autoencoder_config
 
 MODELS = {
     "mnist-kl": ("mnist", "AutoencoderKL"),
@@ -172,26 +174,39 @@ def train(name: str, steps: int, batch_size: int, lr: float, seed: int) -> dict:
 
 
 def evaluate(name: str) -> dict:
-    """Reconstruction MSE (pixels in [0, 1]) on the whole eval split, for each latent kind."""
+    """Reconstruction MSE (pixels in [0, 1]) on the whole eval split, for each latent kind: whole
+    images (as trained), and tiled (``recon_mse_tiled...``) for a model that encodes in tiles by
+    default (hen_fast.encoders.shipped.DEFAULT_TILES)."""
     dataset, model_class = MODELS[name]
     images = training_images(dataset, "eval")
     kinds = ("quantized", "onehot") if model_class == "VQModel" else (None,)
     result = {"eval_images": int(images.shape[0])}
+    tiles = {"": None, "_tiled": DEFAULT_TILES.get(name)}
     for kind in kinds:
-        encoder = encoders.load(name, **({"latent": kind} if kind else {}))
-        recon = encoder.decode(encoder.encode(images))
-        per_image = (recon - encoder.prepare(images)).pow(2).flatten(1).mean(1)
-        key = f"recon_mse{'_' + kind if kind else ''}"
-        result[key] = float(per_image.mean())
-        result[key.replace("mse", "mse_worst")] = float(per_image.max())
+        for suffix, tile in tiles.items():
+            if suffix and tile is None:
+                continue
+            encoder = encoders.load(name, tile=tile, **({"latent": kind} if kind else {}))
+            recon = encoder.decode(encoder.encode(images))
+            per_image = (recon - encoder.prepare(images)).pow(2).flatten(1).mean(1)
+            key = f"recon_mse{suffix}{'_' + kind if kind else ''}"
+            result[key] = float(per_image.mean())
+            result[key.replace("mse", "mse_worst")] = float(per_image.max())
         result["latent_dim" + ("_" + kind if kind else "")] = encoder.latent_dim
+    if tiles["_tiled"] is not None:
+        result["tile"] = tiles["_tiled"]
     return result
 
 
-def cues(images: torch.Tensor) -> dict[str, torch.Tensor]:
+def cues(encoder, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Each kind of cue with the latent score mask it is recalled with (None: unmasked): the
+    lower half hidden, without and with ``known`` (HEN's occlusion-aware recall), and noise."""
+    occluded, known = datasets.mask_lower_half(images)
+    known_pixels = encoder.prepare(known.float()).amin(1) >= 1.0
     return {
-        "lower_half_occluded": datasets.mask_lower_half(images)[0],
-        "noise_0.2": datasets.add_noise(images, 0.2, seed=1),
+        "lower_half_occluded": (occluded, None),
+        "lower_half_known": (occluded, encoder.latent_mask(known_pixels)),
+        "noise_0.2": (datasets.add_noise(images, 0.2, seed=1), None),
     }
 
 
@@ -202,14 +217,15 @@ def exact_recall(encoder, images: torch.Tensor) -> list[dict]:
     memories = encoder.encode(images)
     truth_norm = memories.norm(dim=1).clamp(min=1e-12)
     rows = []
-    for cue_name, cue in cues(images).items():
+    for cue_name, (cue, score_mask) in cues(encoder, images).items():
         queries = encoder.encode(cue)
         for similarity in ("dot", "l2"):
             for steps in STEPS_GRID:
                 for beta in BETA_GRID:
                     recalled = hen_fast.retrieve(
-                        queries, memories, beta=beta, similarity=similarity, steps=steps
-                    )
+                        queries, memories, beta=beta, similarity=similarity, steps=steps,
+                        score_mask=score_mask,
+                    )  # fmt: skip
                     error = (recalled - memories).norm(dim=1) / truth_norm
                     rows.append(
                         dict(
@@ -259,8 +275,9 @@ def tune(names: list[str]) -> None:
             record["recommended_exact_recall"][kind] = recall
             print(name, kind, setting, "exact recall", recall, flush=True)
         record["recommended_measured_on"] = (
-            f"{images.shape[0]} eval images stored, recalled from lower-half-occluded and "
-            f"noise-0.2 cues; exact = recalled latent within {EXACT_LATENT_ERROR} relative error; "
+            f"{images.shape[0]} eval images stored, recalled from lower-half-occluded cues "
+            f"(scored on every latent and on the latent mask of the known pixels) and noise-0.2 "
+            f"cues; exact = recalled latent within {EXACT_LATENT_ERROR} relative error; "
             f"grid: similarity dot/l2, steps {STEPS_GRID}, beta 10^-2..10^5 by half decades"
         )
         record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -315,6 +332,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tune", action="store_true", help="only measure the recommended settings")
     parser.add_argument(
+        "--evaluate", action="store_true", help="only re-measure the eval reconstruction errors"
+    )
+    parser.add_argument(
         "--figure",
         type=Path,
         default=None,
@@ -325,6 +345,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.figure is not None:
         reconstruction_figure(args.figure)
+        return
+    if args.evaluate:
+        for name in args.models:
+            record_path = WEIGHTS_DIR / f"{name}.json"
+            record = json.loads(record_path.read_text())
+            record["eval"] = evaluate(name)
+            record_path.write_text(json.dumps(record, indent=2) + "\n")
+            print(name, json.dumps(record["eval"]), flush=True)
         return
     if not args.tune:
         for name in args.models:

@@ -240,15 +240,16 @@ def run_backend(
     **kwargs,
 ):
     """``backend`` on its device (backend_device) with CPU inputs moved there by to_device
-    (``layout``; clamp_mask moves too): through hen_fast.retrieve, or the backend's own retrieve
+    (``layout``; the masks move too): through hen_fast.retrieve, or the backend's own retrieve
     when ``splits`` or ``capacity`` asks for its knobs (kernel_retrieve). Checks the output is
     on that device in the queries' dtype, and returns (out, info or None) on the CPU, for the
     float64 oracle. On a GPU the allocator's free blocks are poisoned first."""
     device = backend_device(backend)
     queries, memories = (to_device(t, device, gen, layout) for t in (queries, memories))
     values = None if values is None else to_device(values, device, gen, layout)
-    if isinstance(kwargs.get("clamp_mask"), torch.Tensor):
-        kwargs["clamp_mask"] = kwargs["clamp_mask"].to(device)
+    for mask in ("clamp_mask", "score_mask"):
+        if isinstance(kwargs.get(mask), torch.Tensor):
+            kwargs[mask] = kwargs[mask].to(device)
     if device.type == "cuda":
         poison_cuda_allocator()
     if splits is None and capacity is None:

@@ -193,6 +193,24 @@ def test_crossover_script_times_every_path_and_records_the_cpu(tmp_path):
         assert all(positive(ms) for ms in row["ms"].values()), row
 
 
+def test_hen_recall_script_covers_every_cue_and_encoder(tmp_path, capsys):
+    """benchmarks/hen_recall.py on a few held-out photos: a row per encoder and cue with an exact
+    recall in [0, 1], the untiled patch models beside the tiled defaults, the table and plot."""
+    hen_recall = benchmark_script("hen_recall")
+    out = tmp_path / "recall.json"
+    hen_recall.main(["--data", "photos", "--memories", "12", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["cpu"] == machine.machine_name("cpu") and out.with_suffix(".png").exists()
+    encoders_seen = {row["encoder"] for row in result["rows"]}
+    assert {"pixels", "patches-kl", "patches-kl untiled"} <= encoders_seen
+    assert len(result["rows"]) == len(encoders_seen) * len(hen_recall.CUES)
+    for row in result["rows"]:
+        assert row["memories"] == 12 and 0 <= row["exact"] <= 1, row
+    pixels_known = [r for r in result["rows"] if r["encoder"] == "pixels" and "known" in r["cue"]]
+    assert all(r["exact"] == 1.0 for r in pixels_known)  # masked pixels match their memory
+    assert "| photos | patches-kl |" in capsys.readouterr().out
+
+
 def test_index_script_compares_indexed_and_scanned_calls(tmp_path, capsys):
     """benchmarks/index_cpu.py --quick: a row per case with both times, the fraction read, the
     agreement with the scan, the CPU it ran on, and the plot."""

@@ -420,4 +420,7 @@ def test_a_split_whose_scores_are_all_minus_inf_adds_nothing(backend):
     for separation in ("softmax", "sparsemax", "entmax"):
         out, _ = run_backend(backend, queries, memories, values, beta=1e30, similarity="l2",
                              separation=separation, splits=2, return_info=False)  # fmt: skip
-        assert torch.equal(out, torch.tensor([[302.0]])), separation  # the mean of 300..304
+        # the mean of 300..304, to float32 rounding of the weights (1/5 is not a float; entmax's
+        # threshold in the interpreter of triton 3.9 rounds the sum one ulp up)
+        ulp = torch.finfo(torch.float32).eps * 302
+        assert float((out - 302.0).abs().max()) <= 2 * ulp, (separation, out)

@@ -59,3 +59,27 @@ def test_cues(gen):
     noisy = datasets.add_noise(images, 0.5, seed=2)
     assert 0 <= noisy.min() and noisy.max() <= 1 and not torch.equal(noisy, images)
     assert torch.equal(noisy, datasets.add_noise(images, 0.5, seed=2))
+
+
+def test_held_out_data():
+    photos = datasets.heldout_photo_patches(size=32)
+    assert photos.shape == (2 * 13 * 20, 3, 32, 32) and photos.dtype == torch.float32
+    assert 0 <= float(photos.min()) and float(photos.max()) <= 1 and photos.std() > 0.05
+    assert torch.equal(datasets.heldout_photo_patches(limit=7, seed=3),
+                       datasets.heldout_photo_patches(seed=3)[:7])  # fmt: skip
+    faces = datasets.faces()
+    assert faces.shape == (200, 1, 25, 25) and 0 <= float(faces.min()) <= float(faces.max()) <= 1
+    # neither overlaps the patches the shipped models trained or were tuned on
+    train = datasets.natural_patches("all", size=32)
+    assert not bool((torch.cdist(photos.flatten(1), train.flatten(1)) < 1e-3).any())
+
+
+@pytest.mark.parametrize("fraction, hidden_rows", [(0.0, 0), (0.4, 4), (0.5, 5), (1.0, 10)])
+def test_mask_lower_hides_whole_rows(fraction, hidden_rows):
+    images = torch.rand(3, 2, 10, 6) + 0.5
+    cues, visible = datasets.mask_lower(images, fraction)
+    assert not visible[..., 10 - hidden_rows :, :].any()
+    assert visible[..., : 10 - hidden_rows, :].all()
+    assert torch.equal(cues, images * visible)
+    with pytest.raises(ValueError, match="fraction"):
+        datasets.mask_lower(images, 1.5)

@@ -16,18 +16,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# (similarity, separation, alpha, steps, tol, candidates): every separation, steps > 1 with and
-# without tol, and a candidate buffer of 4 so that sparse rows take the Newton passes.
+# (similarity, separation, alpha, steps, tol, candidates, score_mask): every separation, steps > 1
+# with and without tol, a candidate buffer of 4 so that sparse rows take the Newton passes, and
+# per-query score masks (each rank's shard gathered by columns, hen_fast.masked).
 CASES = [
-    ("dot", "softmax", 1.5, 1, None, None),
-    ("l2", "softmax", 1.5, 3, None, None),
-    ("dot", "sparsemax", 1.5, 1, None, None),
-    ("l2", "sparsemax", 1.5, 3, 1e-6, None),
-    ("manhattan", "entmax", 1.25, 1, None, None),
-    ("dot", "entmax", 1.5, 2, None, None),
-    ("l2", "entmax", 1.8, 1, None, 4),
-    ("dot", "sparsemax", 1.5, 1, None, 4),
-    ("dot", "polynomial", 1.5, 2, None, None),
+    ("dot", "softmax", 1.5, 1, None, None, False),
+    ("l2", "softmax", 1.5, 3, None, None, False),
+    ("dot", "sparsemax", 1.5, 1, None, None, False),
+    ("l2", "sparsemax", 1.5, 3, 1e-6, None, False),
+    ("manhattan", "entmax", 1.25, 1, None, None, False),
+    ("dot", "entmax", 1.5, 2, None, None, False),
+    ("l2", "entmax", 1.8, 1, None, 4, False),
+    ("dot", "sparsemax", 1.5, 1, None, 4, False),
+    ("dot", "polynomial", 1.5, 2, None, None, False),
+    ("l2", "softmax", 1.5, 2, None, None, True),
+    ("manhattan", "sparsemax", 1.5, 1, None, 4, True),
+    ("dot", "entmax", 1.5, 1, None, None, True),
 ]
 BETA = {"dot": 0.7, "l2": 0.25, "manhattan": 0.3}
 
@@ -71,10 +75,15 @@ def _run_cases(rank, world_size, group, seed):
     start = sum(sizes[:rank])
     local = slice(start, start + sizes[rank])
     results = []
-    for similarity, separation, alpha, steps, tol, candidates in CASES:
+    # Two queries share a mask, one has none: the masked cases make three calls per rank.
+    score_mask = torch.rand(num_queries, dim, generator=gen) < 0.6
+    score_mask[1], score_mask[2] = score_mask[0], False
+    for similarity, separation, alpha, steps, tol, candidates, masked in CASES:
         hetero = steps == 1
         kwargs = dict(beta=BETA[similarity], similarity=similarity, separation=separation,
                       alpha=alpha, steps=steps, tol=tol)  # fmt: skip
+        if masked:
+            kwargs["score_mask"] = score_mask
         shard = ShardedMemory(keys[local], values[local] if hetero else None, group=group,
                               candidates=candidates)  # fmt: skip
         out, info = shard.retrieve(queries, return_info=True, **kwargs)
@@ -84,7 +93,7 @@ def _run_cases(rank, world_size, group, seed):
         same_on_all = all(torch.equal(out, other) for other in shard.gatherer.gather(out))
         results.append(
             dict(
-                case=[similarity, separation, alpha, steps, tol, candidates],
+                case=[similarity, separation, alpha, steps, tol, candidates, masked],
                 vs_one_process=rel_err(out, whole[0]),
                 vs_float64=rel_err(out, exact),
                 one_process_vs_float64=rel_err(whole[0], exact),

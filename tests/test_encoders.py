@@ -14,7 +14,7 @@ from hen_fast import datasets, encoders
 from hen_fast.encoders.diffusers_models import ModelNotFoundError
 from hen_fast.encoders.shipped import WEIGHTS_DIR, autoencoder_config, shipped_info, shipped_present
 
-from helpers import randint
+from helpers import randint, rel_err
 
 TINY_DALLE = dict(vocab_size=16, width=8, init_channels=8, blocks_per_group=1)
 
@@ -361,7 +361,7 @@ def test_shipped_models_reconstruct_eval_images(name):
     images = eval_images(name, 64)
     recon = encoder.decode(encoder.encode(images))
     mse = float((recon - encoder.prepare(images)).pow(2).mean())
-    key = "recon_mse_quantized" if name.endswith("vq") else "recon_mse"
+    key = "recon_mse" + ("_tiled" if encoder.tile else "") + ("_quantized" * name.endswith("vq"))
     assert mse <= 2.0 * info["eval"][key] + 1e-3, (mse, info["eval"][key])
     # far better than the trivial reconstruction (each image's mean value)
     baseline = float((images - images.mean(dim=(1, 2, 3), keepdim=True)).pow(2).mean())
@@ -379,3 +379,69 @@ def test_shipped_vq_onehot_decodes_like_quantized():
         onehot.decode(onehot.encode(images)), quantized.decode(quantized.encode(images))
     )
     assert onehot.recommended != {} and onehot.recommended is not quantized.recommended
+
+
+# ---------------------------------------------------------------------------------------------
+# latent masks of occluded cues (HEN's occlusion-aware recall)
+
+
+def test_identity_latent_mask_is_the_known_pixels(gen):
+    encoder = encoders.load("identity", image_size=(5, 7), channels=3)
+    known = torch.rand(4, 5, 7, generator=gen) < 0.5
+    mask = encoder.latent_mask(known)
+    assert torch.equal(mask, known[:, None].expand(-1, 3, -1, -1).reshape(4, -1))
+    with pytest.raises(ValueError, match=r"known must have shape \(N, 5, 7\)"):
+        encoder.latent_mask(known[:, :4])
+    with pytest.raises(TypeError, match="bool"):
+        encoder.latent_mask(known.float())
+
+
+@pytest.mark.parametrize("latent", ["kl", "quantized", "onehot", "continuous"])
+def test_a_tiled_latent_mask_is_exact(gen, latent):
+    """Whatever the hidden pixels hold, the masked coordinates of a tiled encoder's latents are
+    the same; the other coordinates change (so the check can fail)."""
+    options = {} if latent == "kl" else {"latent": latent}
+    name, extra = "diffusers-kl", {}
+    if latent != "kl":
+        name, extra = "diffusers-vq", {"num_vq_embeddings": 12}
+    encoder = encoders.load(name, config=tiny_config(size=32, **extra), seed=3, tile=8, **options)
+    assert encoder.latent_shape[-2:] == (8, 8)
+    images = random_images(gen, 5, channels=3, size=(32, 32))
+    known = torch.ones(5, 32, 32, dtype=torch.bool)
+    for row in range(5):  # a random box hidden in each image
+        top, left = randint(gen, 0, 20), randint(gen, 0, 20)
+        known[row, top : top + randint(gen, 5, 12), left : left + randint(gen, 5, 12)] = False
+    other = torch.where(known[:, None], images, torch.rand(images.shape, generator=gen))
+    mask = encoder.latent_mask(known)
+    a, b = encoder.encode(images), encoder.encode(other)
+    assert mask.any(1).all() and (~mask).any(1).all()
+    assert rel_err(a[mask], b[mask], floor=1.0) < 1e-6
+    if latent != "onehot":  # one-hot codes may happen to agree; continuous values do not
+        assert bool(((a - b).abs() > 1e-4)[~mask].any())
+    # the mask is per position: every latent channel (or code) of a position shares it
+    h, w = encoder.latent_shape[-2:]
+    per_position = mask.reshape(5, h * w, -1) if latent == "onehot" else mask.reshape(5, -1, h * w)
+    axis = 2 if latent == "onehot" else 1
+    assert torch.equal(per_position.all(axis), per_position.any(axis))
+
+
+def test_an_untiled_latent_mask_keeps_the_positions_of_known_blocks(tiny_kl):
+    known = torch.ones(2, 28, 28, dtype=torch.bool)
+    known[0, 17:] = False  # rows 0..16 known: latent rows 0..3 have their 4-pixel blocks known
+    known[1, :, :9] = False  # columns 9.. known: latent columns 3.. (pixels 12..)
+    positions = tiny_kl.latent_mask(known).reshape(2, 4, 7, 7)[:, 0]
+    expected = torch.zeros(2, 7, 7, dtype=torch.bool)
+    expected[0, :4] = True
+    expected[1, :, 3:] = True
+    assert torch.equal(positions, expected)
+    assert tiny_kl.tile is None
+
+
+def test_tile_must_divide_the_image():
+    config = tiny_config(size=32)
+    with pytest.raises(ValueError, match="tile must be >= 1 and divide"):
+        encoders.load("diffusers-kl", config=config, tile=5)
+    with pytest.raises(TypeError, match="tile must be an int"):
+        encoders.load("diffusers-kl", config=config, tile=8.0)
+    assert encoders.load("patches-kl").tile == 16 and encoders.load("mnist-kl").tile is None
+    assert encoders.load("patches-kl", tile=None).tile is None

@@ -20,6 +20,16 @@ from .base import Encoder, _check_size
 VQ_LATENTS = ("quantized", "onehot", "continuous")
 
 
+def _check_tile(tile, image_size: tuple[int, int]) -> int | None:
+    if tile is None:
+        return None
+    if isinstance(tile, bool) or not isinstance(tile, int):
+        raise TypeError(f"tile must be an int (pixels) or None, got {type(tile).__name__}")
+    if tile < 1 or image_size[0] % tile or image_size[1] % tile:
+        raise ValueError(f"tile must be >= 1 and divide the image size {image_size}, got {tile}")
+    return tile
+
+
 class ModelNotFoundError(FileNotFoundError):
     """A pretrained model whose weights are not on this machine (hen_fast never downloads)."""
 
@@ -49,7 +59,17 @@ def _from_pretrained(model_class, pretrained: str, subfolder: str | None):
 
 class DiffusersEncoder(Encoder):
     """Common part of the diffusers wrappers: building the model, the [0, 1] <-> [-1, 1] mapping,
-    the latent grid's shape (found by encoding one blank image)."""
+    the latent grid's shape (found by encoding one blank image), tiled encoding and the latent
+    mask of occluded cues.
+
+    ``tile`` (pixels, dividing the image size): encode each ``tile x tile`` block of the image on
+    its own and place the blocks' latent grids side by side (decoding takes the whole grid). Each
+    latent position then depends on the pixels of its tile and nothing else, so the latent mask
+    of an occluded cue is exact: the positions of the tiles whose pixels are all known. Without
+    tiles every position depends on every pixel (the models' GroupNorm takes statistics over the
+    whole image, and the receptive fields are wide); the mask is then the positions whose own
+    block of ``H / h x W / w`` pixels is known, close but not exact.
+    """
 
     model_class_name = ""
 
@@ -67,6 +87,7 @@ class DiffusersEncoder(Encoder):
         seed: int = 0,
         name: str | None = None,
         recommended: dict | None = None,
+        tile: int | None = None,
     ):
         diffusers = require("diffusers", "hen")
         model_class = getattr(diffusers, self.model_class_name)
@@ -102,10 +123,45 @@ class DiffusersEncoder(Encoder):
         self.image_size = _check_size(image_size)
         self.name = name or self.model_class_name
         self.recommended = dict(recommended or {})
+        self.tile = _check_tile(tile, self.image_size)
         blank = torch.zeros(1, self.channels, *self.image_size, device=self.device)
         with torch.no_grad():
-            self.latent_shape = tuple(self._latent_grid(self._to_model(blank)).shape[1:])
+            self.latent_shape = tuple(self._grid(self._to_model(blank)).shape[1:])
         self.latent_dim = self._latent_dim()
+
+    def _grid(self, model_input: torch.Tensor) -> torch.Tensor:
+        """The latent grid (n, c, h, w) of model inputs, tile by tile when ``tile`` is set."""
+        if self.tile is None:
+            return self._latent_grid(model_input)
+        n, channels, height, width = model_input.shape
+        t = self.tile
+        rows, cols = height // t, width // t
+        blocks = model_input.reshape(n, channels, rows, t, cols, t).permute(0, 2, 4, 1, 3, 5)
+        grids = self._latent_grid(blocks.reshape(n * rows * cols, channels, t, t))
+        _, c, h, w = grids.shape
+        grids = grids.reshape(n, rows, cols, c, h, w).permute(0, 3, 1, 4, 2, 5)
+        return grids.reshape(n, c, rows * h, cols * w)
+
+    def latent_mask(self, known: torch.Tensor) -> torch.Tensor:
+        positions = self._known_positions(self._check_known(known))
+        return self._position_mask(positions).reshape(positions.shape[0], self.latent_dim)
+
+    def _known_positions(self, known: torch.Tensor) -> torch.Tensor:
+        """(N, h, w) True where a latent position's pixels are all known: its tile's (exact) or,
+        untiled, its own block's."""
+        hidden = (~known).float()[:, None]
+        h, w = self.latent_shape[-2:]
+        if self.tile is not None:
+            per_tile = (self.image_size[0] // self.tile, self.image_size[1] // self.tile)
+            hidden_tiles = F.max_pool2d(hidden, self.tile)
+            hidden = F.interpolate(hidden_tiles, scale_factor=(h // per_tile[0], w // per_tile[1]))
+            return hidden[:, 0] == 0
+        block = (self.image_size[0] // h, self.image_size[1] // w)
+        return F.max_pool2d(hidden, block)[:, 0] == 0
+
+    def _position_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """A position mask (N, h, w) over the latent's layout: channel-major (c, h, w)."""
+        return positions[:, None].expand(-1, self.latent_shape[0], -1, -1)
 
     def _to_model(self, images: torch.Tensor) -> torch.Tensor:
         return (images * 2 - 1).to(self.dtype)
@@ -131,7 +187,7 @@ class DiffusersKL(DiffusersEncoder):
         return self.model.encode(model_input).latent_dist.mode()
 
     def _encode_batch(self, images):
-        return self._latent_grid(self._to_model(images)).flatten(1)
+        return self._grid(self._to_model(images)).flatten(1)
 
     def _decode_batch(self, latents):
         grid = latents.to(self.dtype).reshape(-1, *self.latent_shape)
@@ -175,7 +231,7 @@ class DiffusersVQ(DiffusersEncoder):
         """Code indices ``(N, h, w)`` (int64) of images in [0, 1]; prepared like ``encode``."""
         prepared = self.prepare(images).to(self.device)
         with torch.no_grad():
-            grid = self._latent_grid(self._to_model(prepared))
+            grid = self._grid(self._to_model(prepared))
             return self._nearest_codes(grid)
 
     def _nearest_codes(self, grid: torch.Tensor) -> torch.Tensor:
@@ -188,8 +244,14 @@ class DiffusersVQ(DiffusersEncoder):
         vectors = self.model.quantize.embedding(codes)  # (n, h, w, dim)
         return vectors.permute(0, 3, 1, 2)
 
+    def _position_mask(self, positions):
+        if self.latent == "onehot":  # position-major: (h * w, num_codes)
+            flat = positions.flatten(1)[:, :, None]
+            return flat.expand(-1, -1, self.num_codes)
+        return super()._position_mask(positions)
+
     def _encode_batch(self, images):
-        grid = self._latent_grid(self._to_model(images))
+        grid = self._grid(self._to_model(images))
         if self.latent == "continuous":
             return grid.flatten(1)
         codes = self._nearest_codes(grid)

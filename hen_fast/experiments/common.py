@@ -15,18 +15,37 @@ from .. import datasets, metrics
 from .._extras import require
 
 # The shipped encoders per data set (used when present), always beside raw pixels.
-DATA_ENCODERS = {"mnist": ("mnist-kl", "mnist-vq"), "patches": ("patches-kl", "patches-vq")}
+# The shipped encoders for each data set: MNIST's for grey images, the patch models' for colour.
+# "digits", "faces" and "photos" are held out from every shipped model (not even their eval sets).
+DATA_ENCODERS = {
+    "mnist": ("mnist-kl", "mnist-vq"),
+    "patches": ("patches-kl", "patches-vq"),
+    "digits": ("mnist-kl", "mnist-vq"),
+    "faces": ("mnist-kl", "mnist-vq"),
+    "photos": ("patches-kl", "patches-vq"),
+}
+
+# Images each data set of load_images holds.
+AVAILABLE = {"mnist": 1000, "patches": 1323, "digits": 1797, "faces": 200, "photos": 520}
 
 
 def load_images(data: str, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` images of the eval split (never seen by the shipped autoencoders): MNIST digits
-    (1000 available) or 32x32 natural-image patches cut every 16 pixels (about 1300)."""
+    """``count`` images the shipped autoencoders never saw: the eval split of MNIST digits (1000)
+    or of 32x32 natural-image patches cut every 16 pixels (1323), or data held out from
+    every shipped model: scikit-learn's 8x8 digits (1797), scikit-image's 25x25 faces (200),
+    32x32 patches of scikit-learn's two photos (520)."""
     if data == "mnist":
         images = datasets.mnist5k("eval")[0]
     elif data == "patches":
         images = datasets.natural_patches("eval", size=32, stride=16, seed=seed)
+    elif data == "digits":
+        images = datasets.digits("all")[0]
+    elif data == "faces":
+        images = datasets.faces()
+    elif data == "photos":
+        images = datasets.heldout_photo_patches(size=32, seed=seed)
     else:
-        raise ValueError(f"data must be 'mnist' or 'patches', got {data!r}")
+        raise ValueError(f"data must be one of {tuple(DATA_ENCODERS)}, got {data!r}")
     if not 1 <= count <= images.shape[0]:
         raise ValueError(f"{data} has {images.shape[0]} eval images; asked for {count}")
     order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
