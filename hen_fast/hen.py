@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .api import retrieve
 from .codes import SEPARATIONS, SIMILARITIES
+from .info import RetrieveInfo
 from .options import check_real
 
 # What a network uses when neither the caller nor the encoder's ``recommended`` says.
@@ -160,6 +161,14 @@ class HopfieldEncodingNetwork:
         last update's scores): which stored image the network recalled."""
         _, info = self._recall_latents(cues, known, steps)
         return info.argmax
+
+    def recall_state(
+        self, cues: Tensor, known: Tensor | None = None, steps: int | None = None
+    ) -> tuple[Tensor, RetrieveInfo]:
+        """The final latent states ``(N, latent_dim)`` (before decoding) and the last update's
+        :class:`~hen_fast.RetrieveInfo`: what :meth:`recall` decodes and :meth:`recall_indices`
+        reads, from one pass."""
+        return self._recall_latents(cues, known, steps)
 
     def _retrieve(self, queries: Tensor, memories: Tensor, *, steps=1, score_mask=None):
         return retrieve(

@@ -95,3 +95,30 @@ def test_console_script_lists_backends():
         check=True,
     )
     assert done.stdout.split()[:2] == ["torch", "available"]
+
+
+def test_hen_scaling_writes_json_and_png(tmp_path, capsys):
+    import torch
+
+    from hen_fast.experiments.scaling import meta_stable_fraction
+
+    out = str(tmp_path)
+    args = ["hen-scaling", "--sizes", "8", "20", "--encoders", "identity", "--kmn-size", "8"]
+    assert cli.main([*args, "--out", out]) == 0
+    record = json.loads((tmp_path / "scaling-mnist.json").read_text())
+    methods = {(r["method"], r["size"]) for r in record["rows"]}
+    assert methods == {("hen", 8), ("hen", 20), ("hen+known", 8), ("hen+known", 20), ("kmn", 8)}
+    for row in record["rows"]:
+        assert 0 <= row["exact"] <= 1 and 0 <= row["meta_stable"] <= 1
+        assert 0 < row["relative_rank"] <= 1 and row["one_minus_ssim"] >= 0
+    # told which pixels are real, raw pixels recall every occluded digit, each one memory
+    known = [r for r in record["rows"] if r["method"] == "hen+known"]
+    assert all(r["exact"] == 1.0 and r["meta_stable"] == 0.0 for r in known)
+    with Image.open(tmp_path / "scaling-mnist.png") as image:
+        assert image.width > 100
+    assert cli.main(["hen-scaling", "--sizes", "9000", "--out", out]) == 2
+    assert "--sizes" in capsys.readouterr().err
+    memories = torch.eye(3)
+    assert meta_stable_fraction(memories, memories) == 0.0
+    mixtures = torch.stack([memories[:2].mean(0), memories[0] * 1.01])
+    assert meta_stable_fraction(mixtures, memories) == 0.5
