@@ -145,10 +145,11 @@ def _demo_data_set(data, images, args):
         panels.append((cues, f"{cue_name} cue"))
         for label, network in networks:
             for aware in (False, True) if mask is not None else (False,):
-                start = time.perf_counter()
-                recalled = network.recall(cues, known=mask if aware else None)
+                start = time.perf_counter()  # one pass gives the images and the indices
+                states, info = network.recall_state(cues, known=mask if aware else None)
+                recalled = network.encoder.decode(states, progress=False)
                 seconds = time.perf_counter() - start
-                indices = network.recall_indices(cues, known=mask if aware else None)
+                indices = info.argmax
                 target = network.encoder.prepare(images)
                 name = label + (" + known" if aware else "")
                 rows.append(

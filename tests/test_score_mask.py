@@ -200,3 +200,19 @@ def test_bad_masks_raise_naming_the_argument():
     out = hen_fast.retrieve(queries, memories, torch.randn(8, 2),
                             score_mask=torch.ones(5, dtype=torch.bool))  # fmt: skip
     assert out.shape == (3, 2)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("similarity", ["dot", "l2", "manhattan"])
+def test_half_precision_banks(gen, backend, similarity):
+    """float32 queries over a bfloat16 / float16 bank: the gathered columns keep the bank's dtype
+    and the computation is float32 on the rounded bank (the oracle sees the same values)."""
+    for bank_dtype in (torch.bfloat16, torch.float16):
+        queries, memories, values = random_problem(gen, max_memories=300)
+        memories, values = memories.to(bank_dtype), values.to(bank_dtype)
+        mask = per_query_masks(gen, *queries.shape)
+        kwargs = dict(combo_kwargs((similarity, "entmax", 1.5)), score_mask=mask)
+        out = hen_fast.retrieve(queries.float(), memories, values, backend=backend, **kwargs)
+        expected = oracle.naive_retrieve(queries.float(), memories, values, **kwargs)
+        assert out.dtype == torch.float32
+        assert rel_err(out, expected, scale=value_scale(values)) < tolerance(backend=backend)
