@@ -29,6 +29,7 @@ from tqdm import tqdm
 import hen_fast
 from hen_fast import datasets, encoders
 from hen_fast.bench.machine import machine_name
+from hen_fast.encoders.shipped import DEFAULT_TILES
 from hen_fast.experiments import common
 from hen_fast.hen import HopfieldEncodingNetwork
 
@@ -40,14 +41,14 @@ CUES = ("lower 50% + known", "lower 40% + known", "lower 50%", "lower 40%", "noi
 
 def networks_for(data: str, images: torch.Tensor):
     """(label, encoder) pairs: raw pixels, each shipped model for the data, the patch models
-    untiled too."""
+    untiled too (the tile models have no untiled form)."""
     present = set(encoders.available())
     pairs = [("pixels", common.load_encoder("identity", images))]
     for name in common.DATA_ENCODERS[data]:
         if name not in present:
             continue
         pairs.append((name, encoders.load(name)))
-        if encoders.load(name).tile is not None:
+        if name in DEFAULT_TILES:
             pairs.append((f"{name} untiled", encoders.load(name, tile=None)))
     return pairs
 

@@ -20,6 +20,15 @@ SPLITS = ("all", "train", "eval")
 # group, patches for evaluation from the second, so no eval patch overlaps a training photo.
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
 EVAL_PHOTOS = ("coffee", "chelsea")
+# The rest of the natural photographs the installed packages ship, for the general-purpose
+# encoders (``training_photos``): scikit-image's grey photos and matplotlib's two sample photos.
+# (Synthetic images - checkerboard, phantom, logo, colour wheel, horse - and ``cat``, a copy of
+# chelsea, are left out; scikit-learn's two photos stay held out from all training.)
+GREY_PHOTOS = (
+    "camera", "moon", "coins", "brick", "grass", "gravel", "clock", "cell", "page", "text",
+    "microaneurysms",
+)  # fmt: skip
+MATPLOTLIB_PHOTOS = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
@@ -71,6 +80,55 @@ def _photo(name: str) -> torch.Tensor:
     return pixels.permute(2, 0, 1).float().div_(255.0)
 
 
+def _grey_photo(name: str) -> torch.Tensor:
+    photos = require("skimage.data", "hen")
+    return torch.as_tensor(getattr(photos, name)()).float().div_(255.0).unsqueeze(0)
+
+
+def _matplotlib_photo(name: str) -> torch.Tensor:
+    matplotlib = require("matplotlib", "hen")
+    Image = require("PIL.Image", "hen")
+    path = Path(matplotlib.get_data_path()) / "sample_data" / name
+    with Image.open(path) as image:
+        array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+        shape = (image.height, image.width, 3)
+    return array.reshape(shape).permute(2, 0, 1).float().div_(255.0)
+
+
+def _luma(photo: torch.Tensor) -> torch.Tensor:
+    weights = torch.tensor((0.299, 0.587, 0.114)).view(3, 1, 1)
+    return (photo * weights).sum(0, keepdim=True).clamp_(0.0, 1.0)
+
+
+def training_photos(channels: int = 3, split: str = "train") -> list[torch.Tensor]:
+    """Whole photographs ``(C, H, W)`` in [0, 1] for the general-purpose encoders: ``"train"``
+    is every natural photo the installed packages ship except the held-out ones (colour:
+    TRAIN_PHOTOS and MATPLOTLIB_PHOTOS; grey adds their luma and GREY_PHOTOS), ``"eval"`` the
+    EVAL_PHOTOS (the validation set the stored latent is chosen on). scikit-learn's photos
+    (:func:`heldout_photo_patches`), the faces, digits and MNIST are in neither."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if split == "eval":
+        colour = [_photo(name) for name in EVAL_PHOTOS]
+        return colour if channels == 3 else [_luma(p) for p in colour]
+    colour = [_photo(name) for name in TRAIN_PHOTOS]
+    colour += [_matplotlib_photo(name) for name in MATPLOTLIB_PHOTOS]
+    if channels == 3:
+        return colour
+    return [_luma(p) for p in colour] + [_grey_photo(name) for name in GREY_PHOTOS]
+
+
+def photo_patches(
+    channels: int = 3, split: str = "eval", size: int = 32, stride: int | None = None,
+    limit: int | None = None, seed: int = 0,
+) -> torch.Tensor:  # fmt: skip
+    """Patches ``(N, channels, size, size)`` of :func:`training_photos`, cut like
+    :func:`natural_patches`."""
+    return _cut_patches(training_photos(channels, split), size, stride, limit, seed)
+
+
 def heldout_photo_patches(
     size: int = 32, stride: int | None = None, limit: int | None = None, seed: int = 0
 ) -> torch.Tensor:
@@ -107,13 +165,14 @@ def natural_patches(
 
 
 def _cut_patches(photos, size, stride, limit, seed) -> torch.Tensor:
+    """``photos``: (C, H, W) tensors with the same C."""
     if size < 1 or (stride is not None and stride < 1):
         raise ValueError(f"size and stride must be >= 1, got size={size}, stride={stride}")
     stride = stride or size
     patches = []
     for photo in photos:
-        grid = photo.unfold(1, size, stride).unfold(2, size, stride)  # (3, rows, cols, size, size)
-        patches.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size))
+        grid = photo.unfold(1, size, stride).unfold(2, size, stride)  # (C, rows, cols, size, size)
+        patches.append(grid.permute(1, 2, 0, 3, 4).reshape(-1, photo.shape[0], size, size))
     patches = torch.cat(patches)
     order = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(seed))
     return patches[order[:limit]].contiguous()

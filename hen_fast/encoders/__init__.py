@@ -6,7 +6,11 @@ for HEN.
 - ``identity``: raw pixels (options ``image_size``, ``channels``).
 - ``mnist-kl``, ``mnist-vq``, ``patches-kl``, ``patches-vq``: the package's own small autoencoders,
   trained by ``scripts/train_autoencoders.py`` on the train split of MNIST 5k (1x28x28) and of the
-  natural-image patches (3x32x32); weights ship with the package (``weights/``).
+  natural-image patches (3x32x32); ``tiles-grey``, ``tiles-rgb``: general-purpose tile
+  autoencoders (``tiles.py``, pure torch) trained on every natural photo the installed packages
+  ship but the held-out ones, at several scales, with augmentation and noise; each 8x8 tile has
+  its own code (1x32x32 / 3x32x32 by default, option ``image_size`` any multiple of 8). Weights
+  ship with the package (``weights/``).
 - ``diffusers-kl``, ``diffusers-vq``: any diffusers ``AutoencoderKL`` / ``VQModel`` from a local
   folder or a hub id already in the local cache (``pretrained=``), or built from ``config=``.
 - ``dalle``: the DALL-E discrete VAE architecture with local weights (``weights=``) or random
@@ -22,7 +26,9 @@ from __future__ import annotations
 from .base import Encoder, IdentityEncoder, check_images, convert_channels, resize
 
 # Encoders whose weights ship with the package (trained by scripts/train_autoencoders.py).
-SHIPPED = ("mnist-kl", "mnist-vq", "patches-kl", "patches-vq")
+SHIPPED = (
+    "mnist-kl", "mnist-vq", "patches-kl", "patches-vq", "tiles-grey", "tiles-rgb",
+)  # fmt: skip
 # Encoders built from the user's weights or from a config.
 USER_MODELS = ("diffusers-kl", "diffusers-vq", "dalle")
 TEXT_ENCODERS = ("minilm", "clip", "pixel-hash")

@@ -24,11 +24,17 @@ DEFAULT_TILES = {"patches-kl": 16, "patches-vq": 16}
 
 
 def autoencoder_config(
-    channels: int, size: int, widths=(16, 32, 32), norm_groups: int = 8, **extra
+    channels: int,
+    size: int,
+    widths=(16, 32, 32),
+    norm_groups: int = 8,
+    latent_channels: int = 4,
+    **extra,
 ) -> dict:
     """The diffusers config of the shipped autoencoders' architecture (``AutoencoderKL`` or, with
     ``num_vq_embeddings`` in ``extra``, ``VQModel``): 3 blocks of ``widths`` channels, downsampling
-    by 4, 4 latent channels, no attention. The tests build the same architecture at tiny widths."""
+    by 4, ``latent_channels`` latent channels, no attention. The tests build the same
+    architecture at tiny widths."""
     return dict(
         in_channels=channels,
         out_channels=channels,
@@ -36,7 +42,7 @@ def autoencoder_config(
         up_block_types=["UpDecoderBlock2D"] * 3,
         block_out_channels=list(widths),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=norm_groups,
         sample_size=size,
         mid_block_add_attention=False,
@@ -73,9 +79,18 @@ def load_shipped(name: str, device="cpu", **options):
     for the chosen latent."""
     from safetensors.torch import load_file
 
+    info = shipped_info(name)
+    if info["class"] == "TileAutoencoder":  # pure torch: no diffusers needed
+        from .tiles import TileAutoencoder, TileEncoder
+
+        model = TileAutoencoder(**info["config"])
+        model.load_state_dict(load_file(str(weights_paths(name)[0])), strict=True)
+        options.setdefault("recommended", info.get("recommended", {}).get("code", {}))
+        options.setdefault("image_size", tuple(info["image_size"]))
+        return TileEncoder(model, device=device, name=name, **options)
+
     from .diffusers_models import DiffusersKL, DiffusersVQ
 
-    info = shipped_info(name)
     wrapper = {"AutoencoderKL": DiffusersKL, "VQModel": DiffusersVQ}[info["class"]]
     diffusers = require("diffusers", "hen")
     model = getattr(diffusers, info["class"]).from_config(info["config"])

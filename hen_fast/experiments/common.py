@@ -14,15 +14,16 @@ import torch
 from .. import datasets, metrics
 from .._extras import require
 
-# The shipped encoders per data set (used when present), always beside raw pixels.
-# The shipped encoders for each data set: MNIST's for grey images, the patch models' for colour.
+# The shipped encoders for each data set (used when present), always beside raw pixels: MNIST's
+# and the grey tile model for grey images, the patch models and the colour tile model for
+# colour.
 # "digits", "faces" and "photos" are held out from every shipped model (not even their eval sets).
 DATA_ENCODERS = {
-    "mnist": ("mnist-kl", "mnist-vq"),
-    "patches": ("patches-kl", "patches-vq"),
-    "digits": ("mnist-kl", "mnist-vq"),
-    "faces": ("mnist-kl", "mnist-vq"),
-    "photos": ("patches-kl", "patches-vq"),
+    "mnist": ("mnist-kl", "mnist-vq", "tiles-grey"),
+    "patches": ("patches-kl", "patches-vq", "tiles-rgb"),
+    "digits": ("mnist-kl", "mnist-vq", "tiles-grey"),
+    "faces": ("mnist-kl", "mnist-vq", "tiles-grey"),
+    "photos": ("patches-kl", "patches-vq", "tiles-rgb"),
 }
 
 # Images each data set of load_images holds.

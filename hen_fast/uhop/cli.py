@@ -11,7 +11,7 @@ SETTINGS = ("steps", "t", "lr", "beta")
 
 
 def add_commands(subparsers) -> None:
-    """Adds uhop-capacity, uhop-noise, uhop-iterations and uhop-loss-error."""
+    """Adds uhop-capacity, uhop-noise, uhop-iterations, uhop-loss-error and uhop-memorise."""
 
     def command(name: str, run, summary: str, size: int | None = 100, lr: bool = True):
         """A uhop-* parser with the options its experiment shares with the others."""
@@ -64,6 +64,31 @@ def add_commands(subparsers) -> None:
     )
     loss_error.add_argument("--runs", type=int, default=50)
     loss_error.add_argument("--max-steps", type=int, default=200)
+
+    memorise = subparsers.add_parser(
+        "uhop-memorise",
+        help="U-Hop layer: max train accuracy vs training-set size (Fig. 6 / Table 1)",
+    )
+    memorise.add_argument("--dataset", choices=("mnist", "digits"), default="mnist")
+    memorise.add_argument("--labels", choices=("true", "random"), default="true")
+    memorise.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
+    memorise.add_argument("--separations", nargs="+", default=["softmax", "sparsemax"],
+                          choices=("softmax", "sparsemax", "entmax"))  # fmt: skip
+    memorise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    memorise.add_argument("--steps", type=int, default=1600,
+                          help="optimiser steps at every size (whole epochs)")  # fmt: skip
+    memorise.add_argument("--width", type=int, default=32, help="token embedding dimension")
+    memorise.add_argument("--feature-dim", type=int, default=None, help="U-Hop Phi's output")
+    # t = 0.5, one Stage I step per step: the best of t in {0.5, 2, 8} x {1, 5} steps x feature
+    # dim {32, 64} at 2000 MNIST samples (README, "U-Hop layer: memorisation").
+    memorise.add_argument("--t", type=float, default=0.5, help="separation-loss scale")
+    memorise.add_argument("--beta", type=float, default=1.0)
+    memorise.add_argument("--inner-steps", type=int, default=1, help="Stage I steps per step")
+    memorise.add_argument("--kernel-lr", type=float, default=0.1)
+    memorise.add_argument("--model-lr", type=float, default=1e-2)
+    memorise.add_argument("--tag", default="", help="suffix of the output files' names")
+    memorise.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and PNG")
+    memorise.set_defaults(run=_run_memorise, extra="uhop")
 
 
 def _settings(args) -> dict:
@@ -142,3 +167,42 @@ def _run_loss_error(args) -> int:
         args.dataset, args.size, args.runs, max_steps=args.max_steps, **_settings(args)
     )
     return _finish(result, args)
+
+
+def _run_memorise(args) -> int:
+    import torch
+
+    from . import memorisation
+
+    if not (
+        _positive("sizes", args.sizes)
+        and _positive("steps", [args.steps])
+        and _positive("width", [args.width])
+        and _positive("feature-dim", [args.feature_dim or 1])
+        and _positive("inner-steps", [args.inner_steps], minimum=0)
+    ):
+        return 2
+    torch.set_num_threads(1)  # tiny tensors: more threads only contend (layer_example)
+    try:
+        result = memorisation.memorisation(
+            args.dataset, args.sizes, labels=args.labels, separations=args.separations,
+            seeds=args.seeds, steps=args.steps, width=args.width, feature_dim=args.feature_dim,
+            t=args.t, beta=args.beta, inner_steps=args.inner_steps, kernel_lr=args.kernel_lr,
+            model_lr=args.model_lr,
+        )  # fmt: skip
+    except ValueError as error:
+        print(f"uhop-memorise: {error}", file=sys.stderr)
+        return 2
+    json_path, png_path = memorisation.save(result, Path(args.out), args.tag)
+    largest = str(max(args.sizes))
+    for name, by_size in result["summary"].items():
+        cell = by_size[largest]
+        test = cell.get("test_accuracy")
+        print(
+            f"{name:<22} n={largest}: max train acc {cell['max_train_accuracy']:.3f} "
+            f"+- {cell['max_train_accuracy_std']:.3f}, converged in "
+            f"{cell['steps_to_converge']:.0f} steps"
+            + (f", test acc {test:.3f}" if test is not None else "")
+        )
+    print(f"wrote {json_path} and {png_path}")
+    return 0

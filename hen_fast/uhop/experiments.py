@@ -256,13 +256,18 @@ def _std(values) -> float:
 
 def save(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """``<experiment>-<dataset>.json`` and ``.png`` in ``out_dir`` (JSON written atomically)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{result['experiment']}-{result['dataset']}"
+    return save_as(result, out_dir / f"{result['experiment']}-{result['dataset']}", plot)
+
+
+def save_as(result: dict, stem: Path, plot_to) -> tuple[Path, Path]:
+    """``<stem>.json`` and ``<stem>.png``, drawn by ``plot_to(result, path)``."""
+    # the JSON goes through a temporary file so an interrupted run never leaves half a result
+    stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
     partial = json_path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(result, indent=1))
     partial.replace(json_path)
-    plot(result, png_path)
+    plot_to(result, png_path)
     return json_path, png_path
 
 

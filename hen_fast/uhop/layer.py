@@ -253,6 +253,7 @@ def fit_uhop(
     model_lr: float = 1e-3,
     generator: torch.Generator | None = None,
     progress: bool | None = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, list[float]]:
     """Algorithm 2: alternate ``inner_steps`` SGD steps of Stage I (the layer's separation loss on
     the memories of a minibatch, ``memories_of(x)``, updating the feature map only) with one Adam
@@ -261,6 +262,8 @@ def fit_uhop(
     A layer without U-Hop trains the same way minus the inner steps, so the two compare fairly.
     ``epochs`` passes of ``batch_size`` over the data set the number of outer steps. Returns the
     history of both losses (``"separation"`` one entry per inner step, ``"objective"`` per outer).
+    ``after_epoch(epoch)`` (0-based), if given, runs after each epoch's steps (e.g. to measure
+    accuracy; the model is back in training mode after it).
     """
     from tqdm.auto import tqdm
 
@@ -282,9 +285,10 @@ def fit_uhop(
     model_opt = torch.optim.Adam(rest, lr=check_positive("model_lr", model_lr))
     history: dict[str, list[float]] = {"separation": [], "objective": []}
     count = inputs.shape[0]
-    steps = epochs * -(-count // batch_size)
+    per_epoch = -(-count // batch_size)
+    steps = epochs * per_epoch
     model.train()
-    for _ in tqdm(
+    for step in tqdm(
         range(steps), desc="U-Hop training", disable=None if progress is None else not progress
     ):
         for _ in range(inner_steps if kernel_opt is not None else 0):
@@ -302,6 +306,9 @@ def fit_uhop(
         loss.backward()
         model_opt.step()
         history["objective"].append(float(loss.detach()))
+        if after_epoch is not None and (step + 1) % per_epoch == 0:
+            after_epoch((step + 1) // per_epoch - 1)
+            model.train()
     return history
 
 
