@@ -6,12 +6,12 @@ Each test runs once per backend (the ``backend`` fixture): ``torch`` and ``cpu``
 ``triton`` on a GPU when there is one and otherwise on CPU tensors through the interpreter,
 ``cuda`` on a GPU only (marked ``gpu``). The cpu backend runs once per path it has (variants
 ``cpu-tiled``, ``cpu-onepass`` and the one-pass kernel on each narrower instruction set, forced
-through HEN_FAST_CPU_PATH / HEN_FAST_CPU_ISA), besides its own choice (``cpu``). Inputs are drawn on the CPU, moved to the backend's
-device (helpers.run_backend; on a GPU in random layouts) and the results come back for the
-oracle. Every output buffer is poisoned first (NaN), so an element a kernel forgets to write
-shows. Tolerances: the table in helpers.py. Backend-specific paths (forced splits, candidate
-buffer overflow, vector loads, threads, opcheck, registration, large banks) stay in
-test_<backend>.py.
+through HEN_FAST_CPU_PATH / HEN_FAST_CPU_ISA), besides its own choice (``cpu``). Inputs are
+drawn on the CPU, moved to the backend's device (helpers.run_backend; on a GPU in random
+layouts) and the results come back for the oracle. Every output buffer is poisoned first (NaN),
+so an element a kernel forgets to write shows. Tolerances: the table in helpers.py.
+Backend-specific paths (forced splits, candidate buffer overflow, vector loads, threads,
+opcheck, registration, large banks) stay in test_<backend>.py.
 """
 
 import importlib.util

@@ -57,10 +57,12 @@ def test_query_packings_and_ranges(gen, onepass, num_queries, similarity, separa
     num_memories = 2 * 16384 + randint(gen, 1, 40)
     memories = torch.randn(num_memories, dim, generator=gen)
     queries = memories[:num_queries] + 0.5 * torch.randn(num_queries, dim, generator=gen)
-    values = None if randint(gen, 0, 1) else torch.randn(num_memories, randint(gen, 1, 20), generator=gen)
+    value_dim = randint(gen, 1, 20)
+    values = None if randint(gen, 0, 1) else torch.randn(num_memories, value_dim, generator=gen)
     beta = {"dot": 1.0 / math.sqrt(dim), "l2": 0.1, "manhattan": 0.1}[similarity]
     kwargs = dict(beta=beta, similarity=similarity, separation=separation)
-    out, info = hen_fast.retrieve(queries, memories, values, backend="cpu", return_info=True, **kwargs)
+    out, info = hen_fast.retrieve(queries, memories, values, backend="cpu", return_info=True,
+                                  **kwargs)
     _check(out, info, queries, memories, values, **kwargs)
 
 
@@ -75,7 +77,8 @@ def test_many_queries_in_slices(gen, separation):
     kwargs = dict(beta=0.3, similarity="l2", separation=separation)
     out, info = hen_fast.retrieve(queries, memories, backend="cpu", return_info=True, **kwargs)
     _check(out, info, queries, memories, None, **kwargs)
-    tail, tail_info = hen_fast.retrieve(queries[-37:], memories, backend="cpu", return_info=True, **kwargs)
+    tail, tail_info = hen_fast.retrieve(queries[-37:], memories, backend="cpu", return_info=True,
+                                        **kwargs)
     torch.testing.assert_close(out[-37:], tail, rtol=0, atol=0)
     assert torch.equal(info.support[-37:], tail_info.support)
 
@@ -88,7 +91,8 @@ def test_half_banks(gen, onepass, dtype, separation):
     values = None if randint(gen, 0, 1) else torch.randn(5000, 7, generator=gen).to(dtype)
     queries = memories[:num_queries].float() + 0.3 * torch.randn(num_queries, dim, generator=gen)
     kwargs = dict(beta=2.0 / math.sqrt(dim), similarity="l2", separation=separation)
-    out, info = hen_fast.retrieve(queries, memories, values, backend="cpu", return_info=True, **kwargs)
+    out, info = hen_fast.retrieve(queries, memories, values, backend="cpu", return_info=True,
+                                  **kwargs)
     _check(out, info, queries, memories, values, **kwargs)
 
 
@@ -199,9 +203,11 @@ def test_a_nan_query_spoils_only_its_row(gen, onepass, separation):
     memories = torch.randn(3000, 16, generator=gen)
     queries = torch.randn(3, 16, generator=gen)
     queries[1, 5] = float("nan")
-    out = hen_fast.retrieve(queries, memories, backend="cpu", separation=separation, check_finite=False)
+    out = hen_fast.retrieve(queries, memories, backend="cpu", separation=separation,
+                            check_finite=False)
     assert bool(out[1].isnan().all())
-    expected = oracle.naive_retrieve(queries[[0, 2]].double(), memories.double(), separation=separation)
+    expected = oracle.naive_retrieve(queries[[0, 2]].double(), memories.double(),
+                                     separation=separation)
     assert rel_err(out[[0, 2]], expected, scale=value_scale(memories)) < 1e-5
 
 

@@ -8,9 +8,10 @@ construction (a cue's latent mask is exact: the codes of its fully known tiles) 
 normalisation layer: diffusers' GroupNorm, applied to one small tile, divides a near-constant
 tile (MNIST's black background, a patch of sky) by its tiny spread, so pixel noise there becomes
 unit-size latent noise (measured: the tiled diffusers models trained on the same photos recalled
-5% of noisy MNIST digits where raw pixels recall 100%). Trained to denoise and to map a noisy
-tile's code onto the clean one (``scripts/train_autoencoders.py``), the code keeps what tells
-tiles apart and drops most of the noise.
+5% of noisy MNIST digits where raw pixels recall 100%). Trained as a denoising autoencoder
+(each clean tile reconstructed from its own code and from a noisy copy's;
+``scripts/train_autoencoders.py``), the code keeps what tells tiles apart and drops some of the
+noise.
 """
 
 from __future__ import annotations

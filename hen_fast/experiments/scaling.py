@@ -34,7 +34,8 @@ KMN_BETAS = (0.5, 2.0, 8.0)
 
 def add_commands(commands) -> None:
     parser = commands.add_parser(
-        "hen-scaling", help="recall and meta-stable states vs bank size (the paper's Table 1, Fig. 2)"
+        "hen-scaling",
+        help="recall and meta-stable states vs bank size (the paper's Table 1, Fig. 2)",
     )
     parser.add_argument("--data", choices=("mnist", "patches"), default="mnist")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 300, 1000, 2000, 5000])
