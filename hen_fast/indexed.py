@@ -1,26 +1,28 @@
-"""Retrieval over an indexed bank: each query reads the clusters that can matter and skips the
-rest with a certificate (:mod:`hen_fast.index` holds the clusters and their score bounds).
+"""Retrieval over an indexed bank: the queries of a call read the clusters that can matter and
+skip the rest with a certificate (:mod:`hen_fast.index` holds the clusters and their score
+bounds).
 
-Per query, clusters are visited in rounds of 1, 1, 2, 4, ... clusters (never more than are
-still needed), each round the unvisited clusters that can matter most (by bound; softmax: by the
-bound on their weight), and the visited clusters' partial state is the one
-:mod:`hen_fast.partial` defines for any part of a bank:
+The queries visit clusters together (:class:`_Visit`), in rounds of 1, 1, 2, 4, ... clusters
+per query (never more than it still needs): each query still needing names its unvisited
+clusters that can matter most (by bound; softmax: by the bound on their weight), the union is
+read once and every query scores all of it, so each query's state is the partial state that
+:mod:`hen_fast.partial` defines for the same part of the bank:
 
 * sparsemax and entmax: a memory with computed score ``s <= theta`` gets weight exactly 0, where
   ``theta = s_max + tau / ((alpha - 1) beta)`` is the score-space threshold. The threshold of the
   visited memories' best candidates bounds the whole bank's from below (taking memories in can
-  only raise it), so every cluster whose bound is ``<= theta`` holds no support: the visit stops
-  when the next bound is at or below it, and the update solved over the prefix is the whole
-  bank's, exactly (:func:`hen_fast.merge.sparse_finish` over the clusters read).
+  only raise it), so every cluster whose bound is ``<= theta`` holds no support: a query is done
+  when every unread bound is at or below it, and the update solved over the rows read is the
+  whole bank's, exactly (:func:`hen_fast.merge.sparse_finish` over the clusters read).
 * softmax: the skipped clusters' weight relative to the visited is at most
-  ``sum_c n_c exp(beta (bound_c - best) - rel)`` (``lse = beta best + rel`` of those read); the
-  visit stops when that is ``<= eps`` and returns it as ``mass_bound``. Polynomial likewise with
-  ``n_c relu(beta bound_c)^degree``: a cluster with bound ``<= 0`` weighs exactly nothing.
+  ``sum_c n_c exp(beta (bound_c - best) - rel)`` (``lse = beta best + rel`` of those read); a
+  query is done when that is ``<= eps`` and returns it as ``mass_bound``. Polynomial likewise
+  with ``n_c relu(beta bound_c)^degree``: a cluster with bound ``<= 0`` weighs exactly nothing.
 
-The queries of a call share :data:`FALLBACK_FRACTION` of the bank (:func:`_visit_within`):
-queries whose needed clusters do not fit it (bounds that do not prune: isotropic data, small
-beta) go to the whole-bank kernel together, and so does every query of a call on a bank too
-small for the visits' fixed cost to pay (many queries, small banks: :data:`QUERY_OVERHEAD_BYTES`).
+A call reads at most :data:`FALLBACK_FRACTION` of the bank: once the clusters its queries still
+need do not fit (bounds that do not prune: isotropic data, small beta), those queries go to the
+whole-bank kernel together, and so does every query of a call on a bank too small for the
+visit's fixed cost to pay (many queries, small banks: :data:`QUERY_OVERHEAD_BYTES`).
 """
 
 from __future__ import annotations
@@ -152,34 +154,31 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
     ``scan(rows)`` is one update over the whole bank, for the queries that fall back to it."""
     count, memories = rows.shape[0], bank.keys.shape[0]
     fields = _empty_fields(rows, bank.value_dim)
-    # The queries share FALLBACK_FRACTION of the bank's rows. A pool of less than an average
+    # The call may read FALLBACK_FRACTION of the bank's rows. A pool of less than an average
     # cluster, or a bank of fewer bytes than the queries' fixed cost, cannot pay for the
-    # visits: all scan.
+    # visit: all scan.
     pool = FALLBACK_FRACTION * memories
     hopeless = pool < memories / bank.num_clusters
     hopeless |= count * QUERY_OVERHEAD_BYTES > bank.nbytes
     if hopeless:
-        fallback = list(range(count))
+        fallback = torch.arange(count, device=rows.device)
     else:
-        bounds = score_bounds(rows, bank.index, similarity)
-        visits = [_QueryVisit(rows[row : row + 1], bounds[row], bank, impl=impl, beta=beta,
-                              similarity=similarity, separation=separation, alpha=alpha,
-                              degree=degree, candidates=candidates, eps=eps)
-                  for row in range(count)]  # fmt: skip
-        fallback = _visit_within(visits, pool)
-        scanned = set(fallback)
-        for row, visit in enumerate(visits):
-            if row not in scanned:
-                for field, value in zip(fields, visit.result(want_info)):
-                    field[row] = value[0]
-    if fallback:
-        which = torch.tensor(fallback, device=rows.device)
-        scanned = scan(rows[which])
+        visit = _Visit(rows, score_bounds(rows, bank.index, similarity), bank, impl=impl,
+                       beta=beta, similarity=similarity, separation=separation, alpha=alpha,
+                       degree=degree, candidates=candidates, eps=eps)  # fmt: skip
+        visit.run(pool)
+        done = (~visit.scanned).nonzero()[:, 0]
+        if done.numel():
+            for field, value in zip(fields, visit.result(done, want_info)):
+                field[done.to(field.device)] = value.to(field.dtype)
+        fallback = visit.scanned.nonzero()[:, 0].to(rows.device)
+    if fallback.numel():
+        scanned = scan(rows[fallback])
         for field, value in zip(fields, scanned):
             if value is not None:  # None: info not asked for
-                field[which] = value.to(field.dtype)
-        fields[4][which] = 1.0
-        fields[5][which] = 0.0
+                field[fallback] = value.to(field.dtype)
+        fields[4][fallback] = 1.0
+        fields[5][fallback] = 0.0
     return tuple(fields)
 
 
@@ -190,179 +189,176 @@ def _empty_fields(rows: Tensor, value_dim: int):
     return [rows.new_zeros(count, value_dim), long, long.clone(), real, real.clone(), real.clone()]
 
 
-def _visit_within(visits: list, pool: float) -> list[int]:
-    """Advance every query's visit within ``pool`` rows in all; the queries left to the scan.
+class _Visit:
+    """The queries of a call visiting clusters together, in rounds: each round every query
+    that still needs clusters names its best unread ones (by bound; softmax: by the bound on
+    their weight), the union is gathered once and every query scores all of it, so the
+    queries share the rows read (one gather and one product per round, whatever their number:
+    a visit per query would cost each the rounds' small ops).
 
-    Each query first reads within an equal share of the pool. Those that need more wait: when
-    none has to be scanned and their needs (as their bounds stand) fit in what is left, they
-    read on in it. Once a scan is certain (a query that is not finite, its rule; needs that do
-    not fit), every query waiting or not yet tried goes to it: the scan reads the bank once for
-    all of them (it is memory-bound for as many queries as a call may have here), so a visit
-    then would only add to its time."""
-    share = pool / len(visits)
-    waiting: list[int] = []
-    for row, visit in enumerate(visits):
-        if not visit.finite:
-            return waiting + list(range(row, len(visits)))
-        if not visit.advance(share):
-            waiting.append(row)
-            left = pool - sum(tried.read for tried in visits[: row + 1])
-            if sum(visits[i].need - visits[i].read for i in waiting) > left:
-                return waiting + list(range(row + 1, len(visits)))
-    scanned = []
-    for row in waiting:
-        left = pool - sum(tried.read for tried in visits)
-        if not visits[row].advance(visits[row].read + left):
-            scanned.append(row)
-    return scanned
+    The rows read stay within ``pool``: when the clusters the queries still need (at their
+    current thresholds, which only rise) do not fit in what is left, every query still needing
+    goes to the scan, which reads the bank once for all of them (memory-bound for as many
+    queries as a call may have here); the queries already answered keep their answers. A query
+    whose bounds are not finite (its rule) goes to the scan at once."""
 
-
-class _QueryVisit:
-    """One query's visit of the clusters it needs, in rounds, resumable: :meth:`advance` reads
-    on while the rows still needed fit a budget."""
-
-    def __init__(self, row, bounds, bank, *, impl, beta, similarity, separation, alpha, degree,
+    def __init__(self, rows, bounds, bank, *, impl, beta, similarity, separation, alpha, degree,
                  candidates, eps):  # fmt: skip
-        self.row, self.bank, self.beta, self.degree = row, bank, beta, degree
+        self.rows, self.bank, self.beta, self.degree = rows, bank, beta, degree
         self.sparse = separation in ("sparsemax", "entmax")
         self.alpha = numerics.separation_alpha(separation, alpha) if self.sparse else alpha
         if self.sparse:
-            self.visit = _SparseVisit(row, similarity, min(candidates, VISIT_CANDIDATES))
+            self.state = _SparseVisit(rows, similarity, min(candidates, VISIT_CANDIDATES))
         else:
-            self.visit = _DenseVisit(row, impl, beta, similarity, separation, degree,
+            self.state = _DenseVisit(rows, impl, beta, similarity, separation, degree,
                                      bank.value_dim)  # fmt: skip
         self.log_eps = math.log(eps) if eps > 0 else -math.inf
-        self.finite = bool(torch.isfinite(bounds[bank.size_table > 0]).all())
-        # The unvisited clusters' bounds (-inf: visited or empty); no sort of all of them: a
-        # round takes its clusters by topk, cheaper for the few clusters a pruning query needs.
-        self.unvisited = bounds.clone()
+        filled = bank.size_table > 0
+        self.scanned = ~torch.isfinite(bounds[:, filled]).all(dim=1)
+        # The unread clusters' bounds (-inf: read or empty), per query.
+        self.unread = bounds.clone()
         self.taken: list[Tensor] = []
-        self.read, self.mass, self.round_size = 0.0, 0.0, 1
-        # the first round: the best bound; need: the rows read once the needed ones are
-        self.next = self.unvisited.topk(1).indices
-        self.need = float(bank.size_table[self.next].sum())
+        self.read, self.round_size = 0.0, 1
+        self.mass = torch.zeros(rows.shape[0], dtype=torch.float64)
 
-    def advance(self, budget: float) -> bool:
-        """Read rounds while the rows needed fit ``budget`` in all; True when done."""
+    def weights_and_needs(self) -> tuple[Tensor, Tensor]:
+        """Per query and cluster: what orders the clusters, and whether it is still needed."""
         sizes = self.bank.size_table
-        while self.next is not None:
-            if self.need > budget:
-                return False
-            # One gather and one scoring of the round's clusters: a call per cluster would
-            # cost more than reading it.
-            step = self.next
-            self.visit.take(self.bank, step)
-            self.taken.append(step)
-            self.unvisited[step] = -math.inf
-            self.read += float(sizes[step].sum())
-            if self.sparse:  # clusters that may hold support: bound above the threshold so far
-                weights = self.unvisited
-                needed = self.unvisited > self.visit.floor(self.beta, self.alpha)
-            else:  # clusters by their weight bound; the rest may stay while they sum to <= eps
-                weights = self.visit.log_mass(self.unvisited, sizes, self.beta, self.degree)
-                needed = _needed_for_eps(weights, self.log_eps)
-            count = int(needed.sum())
-            if count == 0:
-                if not self.sparse:
-                    self.mass = math.exp(float(torch.logsumexp(weights, dim=0)))
-                self.next = None
-                break
-            self.need = self.read + float(sizes[needed].sum())
-            self.round_size = min(count, 2 * self.round_size if len(self.taken) > 1 else 1)
-            self.next = torch.where(needed, weights, -math.inf).topk(self.round_size).indices
-        return True
+        if self.sparse:  # bound above the threshold of what was read
+            floor = self.state.floor(self.beta, self.alpha)
+            return self.unread, self.unread > floor[:, None]
+        weights = self.state.log_mass(self.unread, sizes, self.beta, self.degree)
+        return weights, _needed_for_eps(weights, self.log_eps)
 
-    def result(self, want_info: bool):
-        """``(out, support, argmax, lse, fraction_read, mass_bound)`` of a finished visit."""
-        row, bank = self.row, self.bank
-        source = PrefixSource(bank, bank.ranges(torch.cat(self.taken)), row.device)
-        out, support, argmax, lse = self.visit.finish(source, self.beta, self.alpha, want_info)
-        fraction = row.new_tensor([self.read / bank.keys.shape[0]])
-        return out, support, argmax, lse, fraction, row.new_tensor([min(self.mass, 1.0)])
+    def run(self, pool: float) -> None:
+        sizes = self.bank.size_table
+        # the first round: each query's best bound
+        needed = torch.zeros_like(self.unread, dtype=torch.bool)
+        needed[torch.arange(needed.shape[0]), self.unread.argmax(dim=1)] = True
+        weights = self.unread
+        while True:
+            needed &= ~self.scanned[:, None]
+            if not bool(needed.any()):
+                break
+            # The rows the queries still need, at the current thresholds (which only rise):
+            # past the pool, a scan is certain, and every query still needing goes to it.
+            union = needed.any(dim=0)
+            if self.read + float(sizes[union].sum()) > pool:
+                self.scanned |= needed.any(dim=1)
+                break
+            # This round: each query's round_size best needed clusters, joined.
+            take = min(self.round_size, int(needed.sum(dim=1).max()))
+            ranked = torch.where(needed, weights, -math.inf).topk(take, dim=1)
+            chosen = torch.zeros_like(union)
+            chosen[ranked.indices[torch.isfinite(ranked.values)]] = True
+            step = chosen.nonzero()[:, 0]
+            self.state.take(self.bank, step)
+            self.taken.append(step)
+            self.unread[:, step] = -math.inf
+            self.read += float(sizes[step].sum())
+            self.round_size = 2 * self.round_size if len(self.taken) > 1 else 1
+            weights, needed = self.weights_and_needs()
+            if not self.sparse:  # the bound on what is left unread, as of this round
+                self.mass = torch.logsumexp(weights, dim=1).exp().clamp(max=1.0)
+
+    def result(self, which: Tensor, want_info: bool):
+        """``(out, support, argmax, lse, fraction_read, mass_bound)`` of queries ``which``."""
+        rows, bank = self.rows, self.bank
+        source = PrefixSource(bank, bank.ranges(torch.cat(self.taken)), rows.device)
+        out, support, argmax, lse = self.state.finish(which, source, self.beta, self.alpha,
+                                                      want_info)  # fmt: skip
+        fraction = rows.new_full((which.numel(),), self.read / bank.keys.shape[0])
+        return out, support, argmax, lse, fraction, self.mass[which.cpu()].to(rows.dtype)
 
 
 def _needed_for_eps(log_mass: Tensor, log_eps: float) -> Tensor:
-    """The fewest clusters, largest bound on weight first, whose reading leaves at most
-    ``exp(log_eps)`` of weight unread: a mask. Only clusters above ``eps / C`` are sorted: those
-    below sum to at most ``eps`` together and come last in any case."""
-    clusters = log_mass.shape[0]
+    """Per query (row), the fewest clusters, largest bound on weight first, whose reading leaves
+    at most ``exp(log_eps)`` of weight unread: a mask. Only clusters above ``eps / C`` are
+    ranked (a top-k as wide as the most any query has): those below sum to at most ``eps``
+    together and come last in any case."""
+    queries, clusters = log_mass.shape
     big = log_mass > log_eps - math.log(clusters)
-    small_total = torch.logsumexp(torch.where(big, -math.inf, log_mass), dim=0)
+    width = int(big.sum(dim=1).max())
     needed = torch.zeros_like(big)
-    if not bool(big.any()):
+    if width == 0:
         return needed
-    which = big.nonzero()[:, 0]
-    ordered, order = torch.sort(log_mass[which], descending=True, stable=True)
-    # tail[i]: the weight of clusters i, i+1, ... of the sorted big ones, with every small one
-    tail = torch.logaddexp(torch.logcumsumexp(ordered.flip(0), dim=0).flip(0), small_total)
-    keep = int((tail > log_eps).sum())  # tail falls along the order: read up to where it drops
-    needed[which[order[:keep]]] = True
-    return needed
+    small_total = torch.logsumexp(torch.where(big, -math.inf, log_mass), dim=1, keepdim=True)
+    ordered, order = torch.where(big, log_mass, -math.inf).topk(width, dim=1, sorted=True)
+    # tail[:, i]: the weight of ranked clusters i, i+1, ... and every small one; it falls along
+    # the order, so the clusters to read are those before it drops to eps
+    tail = torch.logaddexp(torch.logcumsumexp(ordered.flip(1), dim=1).flip(1), small_total)
+    keep = (tail > log_eps) & torch.isfinite(ordered)
+    return needed.scatter_(1, order, keep)
 
 
 class _SparseVisit:
-    """A query's best candidates over the clusters visited so far."""
+    """The queries' best candidates over the clusters visited so far."""
 
-    def __init__(self, row, similarity, candidates):
-        self.row, self.similarity, self.candidates = row, similarity, candidates
-        self.argmax = ArgmaxState.empty(1, row)
-        self.kept = CandidateState.empty(1, row)
+    def __init__(self, rows, similarity, candidates):
+        self.rows, self.similarity, self.candidates = rows, similarity, candidates
+        self.argmax = ArgmaxState.empty(rows.shape[0], rows)
+        self.kept = CandidateState.empty(rows.shape[0], rows)
 
     def take(self, bank, clusters):
-        index, keys, norms, _ = bank.gather(clusters, self.row.device, with_values=False)
-        scores = _scores(self.row, keys, norms, self.similarity)
+        index, keys, norms, _ = bank.gather(clusters, self.rows.device, with_values=False)
+        scores = _scores(self.rows, keys, norms, self.similarity)
         best = ArgmaxState.of_scores(0, scores)
         self.argmax = self.argmax.merge(ArgmaxState(best.best, index[best.index]))
         part = CandidateState.of_scores(0, scores)
         part = CandidateState(part.scores, index[part.index])
         self.kept = self.kept.merge(part, self.candidates)
 
-    def floor(self, beta, alpha) -> float:
-        """The score-space threshold of the candidates so far: no memory at or below it has
-        weight in the whole bank's update."""
+    def floor(self, beta, alpha) -> Tensor:
+        """Per query, the score-space threshold of its candidates so far (float64, CPU): no
+        memory at or below it has weight in the whole bank's update. -inf before any read."""
+        if self.kept.scores.shape[1] == 0:
+            return torch.full((self.rows.shape[0],), -math.inf, dtype=torch.float64)
         s_max, _, tau = sparse_threshold(self.kept.scores, beta, alpha)
-        return float(s_max[0] + tau[0] / ((alpha - 1.0) * numerics.dtype_beta(beta, tau.dtype)))
+        floor = s_max + tau / ((alpha - 1.0) * numerics.dtype_beta(beta, tau.dtype))
+        return floor.cpu()
 
-    def finish(self, source, beta, alpha, want_info):
+    def finish(self, which, source, beta, alpha, want_info):
         kept = self.kept
-        return sparse_finish(self.row, source, LOCAL, beta, self.similarity, alpha, kept.scores,
-                             kept.index, self.argmax.index)  # fmt: skip
+        return sparse_finish(self.rows[which], source, LOCAL, beta, self.similarity, alpha,
+                             kept.scores[which], kept.index[which],
+                             self.argmax.index[which])  # fmt: skip
 
 
 class _DenseVisit:
-    """Softmax and polynomial: the prefix's merged partial state."""
+    """Softmax and polynomial: the prefix's merged partial state of each query."""
 
-    def __init__(self, row, impl, beta, similarity, separation, degree, value_dim):
-        self.row, self.impl, self.beta = row, impl, beta
+    def __init__(self, rows, impl, beta, similarity, separation, degree, value_dim):
+        self.rows, self.impl, self.beta = rows, impl, beta
         self.similarity, self.separation, self.degree = similarity, separation, degree
         self.scale = beta if separation == "softmax" else 0.0
-        self.state = DenseState.empty(1, value_dim, row)
+        self.state = DenseState.empty(rows.shape[0], value_dim, rows)
 
     def take(self, bank, clusters):
-        index, keys, norms, values = bank.gather(clusters, self.row.device)
-        part = _chunk_partial(self.row, 0, keys, norms, values, self.impl, self.beta,
+        index, keys, norms, values = bank.gather(clusters, self.rows.device)
+        part = _chunk_partial(self.rows, 0, keys, norms, values, self.impl, self.beta,
                               self.similarity, self.separation, self.degree)  # fmt: skip
         part = DenseState(part.rel, part.out, part.best, index[part.index], part.support)
         self.state = fold([self.state, part], lambda a, b: a.merge(b, self.scale))
 
     def log_mass(self, bounds, sizes, beta, degree) -> Tensor:
-        """``log`` of the bound on each cluster's weight relative to the visited weight (bounds
-        of ``-inf``: nothing)."""
+        """``(B, C)`` ``log`` of the bound on each cluster's weight relative to each query's
+        visited weight (bounds of ``-inf``: nothing)."""
         state = self.state
+        rel = state.rel.double().cpu()[:, None]
         if self.similarity == "l2":  # bounds shifted by ||x||^2; best is the true -||x - k||^2
-            bounds = bounds - float((self.row.double() ** 2).sum())
+            bounds = bounds - (self.rows.double() ** 2).sum(dim=1).cpu()[:, None]
         if self.separation == "softmax":
-            best = float(state.best[0])
-            gap = numerics.relative_scores(bounds[None], bounds.new_tensor([best]), beta)[0]
-            return sizes.log() + gap - float(state.rel[0])
+            gap = numerics.relative_scores(bounds, state.best.double().cpu(), beta)
+            return sizes.log() + gap - rel
         # relu(beta * bound) ** degree, log-partition rel (scale 0)
         positive = torch.clamp(bounds * beta, min=0.0)
-        return sizes.log() + degree * positive.log() - float(state.rel[0])
+        return sizes.log() + degree * positive.log() - rel
 
-    def finish(self, source, beta, alpha, want_info):
+    def finish(self, which, source, beta, alpha, want_info):
         state = self.state
-        support = state.support
+        support = state.support[which]
         if self.separation == "softmax" and want_info:
-            support = _softmax_support(self.row, source, LOCAL, beta, self.similarity, state.rel,
-                                       state.best)  # fmt: skip
-        return state.out, support, state.index, state.lse(self.scale).to(self.row.dtype)
+            support = _softmax_support(self.rows[which], source, LOCAL, beta, self.similarity,
+                                       state.rel[which], state.best[which])  # fmt: skip
+        lse = state.lse(self.scale)[which].to(self.rows.dtype)
+        return state.out[which], support, state.index[which], lse
