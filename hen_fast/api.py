@@ -86,9 +86,9 @@ def retrieve(
     is read cluster by cluster, each query only the clusters whose certified score bound can
     matter (sparsemax / entmax: the result is the full scan's; softmax / polynomial: within
     ``eps``); ``info.fraction_read`` says how much of the bank each query read and
-    ``info.mass_bound`` the softmax weight skipped. Queries whose bounds would have them read
-    more than a tenth of the bank (the queries of a call share that tenth) are scanned
-    instead, and so are all queries of a call on a bank of less than 56 MiB per query. With
+    ``info.mass_bound`` the softmax weight skipped. The queries of a call read at most a tenth
+    of the bank together; those still needing more are scanned instead, and so are all queries
+    of a call on a bank of less than 56 MiB plus 12 MiB per query. With
     autograd the bank is scanned; pass ``bank.keys`` and ``bank.values`` to scan without the
     index.
 

@@ -22,7 +22,7 @@ read once and every query scores all of it, so each query's state is the partial
 A call reads at most :data:`FALLBACK_FRACTION` of the bank: once the clusters its queries still
 need do not fit (bounds that do not prune: isotropic data, small beta), those queries go to the
 whole-bank kernel together, and so does every query of a call on a bank too small for the
-visit's fixed cost to pay (many queries, small banks: :data:`QUERY_OVERHEAD_BYTES`).
+visit's fixed cost to pay (many queries, small banks: :data:`CALL_OVERHEAD_BYTES`).
 """
 
 from __future__ import annotations
@@ -48,18 +48,22 @@ from .sources import LOCAL
 # The softmax mass a call may skip unless it asks otherwise: float32's unit roundoff, below the
 # rounding of any float32 output (the output moves by at most 2 eps max ||v||).
 DEFAULT_EPS = 2.0**-24
-# A query that would read more of the bank than this goes to the whole-bank scan instead: a
-# visit costs a row 3-9x what the scan does (gathered rows, rounds of small torch ops), so past
-# about a tenth of the bank the scan is faster (benchmarks/index_cpu.py, 1e6 x 128: 9% read ran
-# 1.0-1.6x faster than the scan, 22% 2x slower).
+# A call reads at most this share of the bank; queries that would need more go to the
+# whole-bank scan: a visit costs a row several times what the scan does (gathered rows, rounds
+# of small torch ops), so past about a tenth of the bank the scan is faster
+# (benchmarks/index_cpu.py, 1e6 x 128, one query: 5-8% read ran 0.9-1.9x the scan's speed, 9%
+# 0.55-1.0x across runs, 22% 0.5x).
 FALLBACK_FRACTION = 0.1
-# A call on a bank of fewer bytes than this per query goes whole to the scan: a visit's fixed
-# cost (bounds, a few rounds of small torch ops: ~1.3 ms on a 2-core CPU) leaves too little to
-# gain against a scan of that size (~3 ms at ~20 GB/s). From benchmarks/index_cpu.py's sweep:
-# indexed, a 1e5 x 128 float32 bank (49 MiB) lost to the scan for one query at any fraction
-# read, 3e5 x 128 (146 MiB) gained for one query (1.2-2.1x) and lost for eight, 1e6 x 128
-# (488 MiB) gained for eight.
-QUERY_OVERHEAD_BYTES = 56 << 20
+# A call goes whole to the scan when the bank has fewer bytes than CALL_OVERHEAD_BYTES plus
+# QUERY_OVERHEAD_BYTES per query: a visit's fixed cost (the bounds, the rounds' small torch ops:
+# ~1.5 ms on a 2-core CPU, and ~0.3 ms more per query, whose rounds are shared) leaves too
+# little to gain against a scan of that size. From benchmarks/index_cpu.py's sweeps on the
+# clustered data: indexed, a 1e5 x 128 float32 bank (49 MiB) lost to the scan for one query at
+# any fraction read; 3e5 x 128 (146 MiB) gained 1.1-1.6x for one sparse query (softmax 0.7x)
+# and lost for eight (0.6-1.07x across runs); 1e6 x 128 (488 MiB) gained 2.3x for 32 queries
+# and lost for 128 (0.7x).
+CALL_OVERHEAD_BYTES = 56 << 20
+QUERY_OVERHEAD_BYTES = 12 << 20
 # Candidates a sparse visit keeps: a larger support gets Newton passes over the rows read (few),
 # and every round's top-k over the candidates costs in proportion.
 VISIT_CANDIDATES = 512
@@ -159,7 +163,7 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
     # visit: all scan.
     pool = FALLBACK_FRACTION * memories
     hopeless = pool < memories / bank.num_clusters
-    hopeless |= count * QUERY_OVERHEAD_BYTES > bank.nbytes
+    hopeless |= CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes
     if hopeless:
         fallback = torch.arange(count, device=rows.device)
     else:

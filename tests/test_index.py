@@ -17,8 +17,9 @@ from hen_fast.index import BankIndex, cluster_statistics, kmeans_labels, score_b
 from helpers import rel_err, tolerance, value_scale
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers", "small_banks_indexed")
-# The shipped rule, before the fixture below changes it for these tiny banks (README: 56 MiB).
-SHIPPED_OVERHEAD_BYTES = indexed.QUERY_OVERHEAD_BYTES
+# The shipped rule, before the fixture below changes it for these tiny banks (README: 56 MiB a
+# call and 12 MiB a query).
+SHIPPED_OVERHEAD_BYTES = (indexed.CALL_OVERHEAD_BYTES, indexed.QUERY_OVERHEAD_BYTES)
 
 
 @pytest.fixture
@@ -26,6 +27,7 @@ def small_banks_indexed(monkeypatch):
     """These banks are tiny: by default they would go to the scan, whose time a visit's fixed
     cost would exceed (test_small_banks_are_scanned), and their clusters are a twelfth of the
     bank each: the queries of a call share a quarter of it here."""
+    monkeypatch.setattr(indexed, "CALL_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(indexed, "FALLBACK_FRACTION", 0.25)
 
@@ -257,18 +259,24 @@ def test_many_queries_share_one_scan(gen):
 
 
 def test_small_banks_are_scanned(gen, monkeypatch):
-    """A bank of fewer bytes than QUERY_OVERHEAD_BYTES per query is scanned, of more indexed."""
-    assert SHIPPED_OVERHEAD_BYTES == 56 << 20
-    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", SHIPPED_OVERHEAD_BYTES)
-    bank, queries = clustered_bank(gen, count=1)
+    """A call on a bank of fewer bytes than CALL_OVERHEAD_BYTES + QUERY_OVERHEAD_BYTES per query
+    is scanned, of more indexed."""
+    assert SHIPPED_OVERHEAD_BYTES == (56 << 20, 12 << 20)
+    monkeypatch.setattr(indexed, "CALL_OVERHEAD_BYTES", SHIPPED_OVERHEAD_BYTES[0])
+    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", SHIPPED_OVERHEAD_BYTES[1])
+    bank, queries = clustered_bank(gen, count=2)
     info = assert_as_scan(queries, bank, beta=4.0, separation="sparsemax")
     assert bool((info.fraction_read == 1).all())
-    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", 4 * bank.keys.numel() - 1)  # 4 B each
-    info = assert_as_scan(queries, bank, beta=4.0, separation="sparsemax")
-    assert float(info.fraction_read.max()) < 0.5
-    monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", 4 * bank.keys.numel() + 1)
-    info = assert_as_scan(queries, bank, beta=4.0, separation="sparsemax")
-    assert bool((info.fraction_read == 1).all())
+    size = 4 * bank.keys.numel()  # float32 keys, no values: the bank's bytes
+    for call, per_query, indexed_call in ((size - 21, 10, True), (size - 19, 10, False),
+                                          (0, size // 2, True), (0, size // 2 + 1, False)):
+        monkeypatch.setattr(indexed, "CALL_OVERHEAD_BYTES", call)
+        monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", per_query)
+        info = assert_as_scan(queries, bank, beta=4.0, separation="sparsemax")
+        if indexed_call:
+            assert float(info.fraction_read.max()) < 0.5
+        else:
+            assert bool((info.fraction_read == 1).all())
 
 
 def test_isotropic_data_and_small_beta_fall_back_to_the_scan(gen):

@@ -151,6 +151,7 @@ def test_an_index_prunes_dot_and_scans_distances(gen, monkeypatch):
     gathered columns, which the index does not bound, so it scans."""
     from hen_fast import indexed
 
+    monkeypatch.setattr(indexed, "CALL_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(indexed, "QUERY_OVERHEAD_BYTES", 0)
     monkeypatch.setattr(indexed, "FALLBACK_FRACTION", 0.25)
     groups, dim = 12, 16
