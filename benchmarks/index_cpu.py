@@ -33,6 +33,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -243,7 +244,8 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "hen_fast": hen_fast.__version__,
         "python": platform.python_version(),
-        "command": "python benchmarks/index_cpu.py " + " ".join(argv or []),
+        "command": " ".join(["python benchmarks/index_cpu.py", *(sys.argv[1:] if argv is None
+                                                                 else argv)]),
         "sigma": args.sigma,
         "rows": rows,
     }
