@@ -314,9 +314,7 @@ class _SparseVisit:
 
     def floor(self, beta, alpha) -> Tensor:
         """Per query, the score-space threshold of its candidates so far (float64, CPU): no
-        memory at or below it has weight in the whole bank's update. -inf before any read."""
-        if self.kept.scores.shape[1] == 0:
-            return torch.full((self.rows.shape[0],), -math.inf, dtype=torch.float64)
+        memory at or below it has weight in the whole bank's update (after a first read)."""
         s_max, _, tau = sparse_threshold(self.kept.scores, beta, alpha)
         floor = s_max + tau / ((alpha - 1.0) * numerics.dtype_beta(beta, tau.dtype))
         return floor.cpu()

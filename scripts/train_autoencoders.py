@@ -324,16 +324,10 @@ def train(
 
 def load_tile_model(stem: Path):
     """A trained tile model from ``<stem>.safetensors`` and ``<stem>.json`` (a candidate)."""
-    from safetensors.torch import load_file
-
-    from hen_fast.encoders.tiles import TileAutoencoder, TileEncoder
+    from hen_fast.encoders.tiles import load_tile_encoder
 
     record = json.loads(stem.with_suffix(".json").read_text())
-    model = TileAutoencoder(**record["config"])
-    model.load_state_dict(load_file(str(stem.with_suffix(".safetensors"))), strict=True)
-    recommended = record.get("recommended", {}).get("code", {})
-    return TileEncoder(model, image_size=tuple(record["image_size"]), name=record["name"],
-                       recommended=recommended)  # fmt: skip
+    return load_tile_encoder(record, stem.with_suffix(".safetensors"))
 
 
 def evaluate(name: str, tile_stem: Path | None = None) -> dict:

@@ -110,3 +110,5 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     assert (tmp_path / "memorisation-digits-true-tiny.png").stat().st_size > 1000
     assert cli.main(["uhop-memorise", "--dataset", "digits", "--sizes", "0"]) == 2
     assert cli.main(["uhop-memorise", "--dataset", "digits", "--sizes", "9000"]) == 2
+    assert cli.main(["uhop-memorise", "--dataset", "digits", "--inner-steps", "-1"]) == 2
+    assert cli.main(["uhop-memorise", "--dataset", "digits", "--feature-dim", "0"]) == 2

@@ -81,13 +81,9 @@ def load_shipped(name: str, device="cpu", **options):
 
     info = shipped_info(name)
     if info["class"] == "TileAutoencoder":  # pure torch: no diffusers needed
-        from .tiles import TileAutoencoder, TileEncoder
+        from .tiles import load_tile_encoder
 
-        model = TileAutoencoder(**info["config"])
-        model.load_state_dict(load_file(str(weights_paths(name)[0])), strict=True)
-        options.setdefault("recommended", info.get("recommended", {}).get("code", {}))
-        options.setdefault("image_size", tuple(info["image_size"]))
-        return TileEncoder(model, device=device, name=name, **options)
+        return load_tile_encoder(info, weights_paths(name)[0], device, name=name, **options)
 
     from .diffusers_models import DiffusersKL, DiffusersVQ
 

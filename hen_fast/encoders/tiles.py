@@ -16,6 +16,8 @@ noise.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -106,3 +108,17 @@ class TileEncoder(Encoder):
         known_tiles = torch.nn.functional.max_pool2d(hidden, self.tile)[:, 0] == 0
         mask = known_tiles[:, None].expand(-1, self.model.code_dim, -1, -1)
         return mask.reshape(known.shape[0], self.latent_dim)
+
+
+def load_tile_encoder(record: dict, weights: Path, device="cpu", **options) -> TileEncoder:
+    """A trained tile model as a HEN encoder, from its record (the weights' JSON: ``config``,
+    ``image_size``, ``name``, ``recommended``) and its safetensors file; ``options`` override
+    the record's image size and recommended settings."""
+    from safetensors.torch import load_file
+
+    model = TileAutoencoder(**record["config"])
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    options.setdefault("recommended", record.get("recommended", {}).get("code", {}))
+    options.setdefault("image_size", tuple(record["image_size"]))
+    options.setdefault("name", record["name"])
+    return TileEncoder(model, device=device, **options)

@@ -71,21 +71,18 @@ def add_commands(subparsers) -> None:
     )
     memorise.add_argument("--dataset", choices=("mnist", "digits"), default="mnist")
     memorise.add_argument("--labels", choices=("true", "random"), default="true")
-    memorise.add_argument("--sizes", type=int, nargs="+", default=[250, 500, 1000, 2000, 4000])
-    memorise.add_argument("--separations", nargs="+", default=["softmax", "sparsemax"],
-                          choices=("softmax", "sparsemax", "entmax"))  # fmt: skip
-    memorise.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    memorise.add_argument("--steps", type=int, default=1600,
-                          help="optimiser steps at every size (whole epochs)")  # fmt: skip
-    memorise.add_argument("--width", type=int, default=32, help="token embedding dimension")
-    memorise.add_argument("--feature-dim", type=int, default=None, help="U-Hop Phi's output")
-    # t = 0.5, one Stage I step per step: the best of t in {0.5, 2, 8} x {1, 5} steps x feature
-    # dim {32, 64} at 2000 MNIST samples (README, "U-Hop layer: memorisation").
-    memorise.add_argument("--t", type=float, default=0.5, help="separation-loss scale")
-    memorise.add_argument("--beta", type=float, default=1.0)
-    memorise.add_argument("--inner-steps", type=int, default=1, help="Stage I steps per step")
-    memorise.add_argument("--kernel-lr", type=float, default=0.1)
-    memorise.add_argument("--model-lr", type=float, default=1e-2)
+    # Unset options take memorisation()'s defaults (the tuned ones), so they live in one place.
+    memorise.add_argument("--sizes", type=int, nargs="+")
+    memorise.add_argument("--separations", nargs="+", choices=("softmax", "sparsemax", "entmax"))
+    memorise.add_argument("--seeds", type=int, nargs="+")
+    memorise.add_argument("--steps", type=int, help="optimiser steps at every size (whole epochs)")
+    memorise.add_argument("--width", type=int, help="token embedding dimension")
+    memorise.add_argument("--feature-dim", type=int, help="U-Hop Phi's output (default: width)")
+    memorise.add_argument("--t", type=float, help="separation-loss scale")
+    memorise.add_argument("--beta", type=float)
+    memorise.add_argument("--inner-steps", type=int, help="Stage I steps per step")
+    memorise.add_argument("--kernel-lr", type=float)
+    memorise.add_argument("--model-lr", type=float)
     memorise.add_argument("--tag", default="", help="suffix of the output files' names")
     memorise.add_argument("--out", default=DEFAULT_OUT, help="folder for the JSON and PNG")
     memorise.set_defaults(run=_run_memorise, extra="uhop")
@@ -174,27 +171,21 @@ def _run_memorise(args) -> int:
 
     from . import memorisation
 
-    if not (
-        _positive("sizes", args.sizes)
-        and _positive("steps", [args.steps])
-        and _positive("width", [args.width])
-        and _positive("feature-dim", [args.feature_dim or 1])
-        and _positive("inner-steps", [args.inner_steps], minimum=0)
-    ):
-        return 2
+    options = {name: getattr(args, name) for name in MEMORISE_OPTIONS}
+    options = {name: value for name, value in options.items() if value is not None}
+    for name, minimum in MEMORISE_MINIMA.items():
+        value = options.get(name)
+        values = value if isinstance(value, list) else [value]
+        if value is not None and not _positive(name.replace("_", "-"), values, minimum):
+            return 2
     torch.set_num_threads(1)  # tiny tensors: more threads only contend (layer_example)
     try:
-        result = memorisation.memorisation(
-            args.dataset, args.sizes, labels=args.labels, separations=args.separations,
-            seeds=args.seeds, steps=args.steps, width=args.width, feature_dim=args.feature_dim,
-            t=args.t, beta=args.beta, inner_steps=args.inner_steps, kernel_lr=args.kernel_lr,
-            model_lr=args.model_lr,
-        )  # fmt: skip
+        result = memorisation.memorisation(args.dataset, labels=args.labels, **options)
     except ValueError as error:
         print(f"uhop-memorise: {error}", file=sys.stderr)
         return 2
     json_path, png_path = memorisation.save(result, Path(args.out), args.tag)
-    largest = str(max(args.sizes))
+    largest = str(max(record["size"] for record in result["records"]))
     for name, by_size in result["summary"].items():
         cell = by_size[largest]
         test = cell.get("test_accuracy")
@@ -206,3 +197,8 @@ def _run_memorise(args) -> int:
         )
     print(f"wrote {json_path} and {png_path}")
     return 0
+
+
+MEMORISE_OPTIONS = ("sizes", "separations", "seeds", "steps", "width", "feature_dim", "t", "beta",
+                    "inner_steps", "kernel_lr", "model_lr")  # fmt: skip
+MEMORISE_MINIMA = {"sizes": 1, "steps": 1, "width": 1, "feature_dim": 1, "inner_steps": 0}
