@@ -12,6 +12,7 @@ and refuses anything else with :class:`BankIntegrityError`. No pickle is involve
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,11 +30,14 @@ from .backends.norms import remember_sq_norms, sq_norms
 from .index import (
     INDEX_FIELDS,
     KMEANS_ITERS,
+    SKETCH_FIELDS,
     BankIndex,
     cluster_order,
     cluster_statistics,
     default_num_clusters,
     kmeans_labels,
+    row_sketch,
+    sketch_basis,
     verified_index,
 )
 from .options import FLOAT_DTYPES, all_finite, check_tensor
@@ -215,7 +219,7 @@ class MemoryBank:
 
     # ------------------------------------------------------------------------------------ index
     def build_index(self, num_clusters: int | None = None, *, labels=None,
-                    iters: int = KMEANS_ITERS, seed: int = 0,
+                    iters: int = KMEANS_ITERS, seed: int = 0, sketch_dim: int | str = "auto",
                     progress: bool | None = None) -> BankIndex:  # fmt: skip
         """Partitions the bank into clusters and keeps a certified bound on each cluster's best
         score, so that :func:`hen_fast.retrieve` reads, per query, only the clusters that can
@@ -233,8 +237,13 @@ class MemoryBank:
                 k-means (any partition gives exact results; a poor one reads more).
             iters: Lloyd iterations of k-means (on a seeded sample of the bank).
             seed: seeds the k-means sample and its initial centres.
-            progress: progress bars for k-means and the assignment (default: for banks of >=
-                2^20 rows, on a terminal).
+            sketch_dim: the row sketch's size ``p`` (a bound on every row's dot / l2 score from
+                ``p`` float16 numbers and one float32 per row, for queries whose cluster bounds
+                do not prune: :mod:`hen_fast.sketch_filter`); 0: none; ``"auto"``: the smallest
+                of 8, 16, 32 (at most d / 4) whose leading directions hold 80% of the keys'
+                energy, else none (:func:`hen_fast.index.sketch_basis`).
+            progress: progress bars for k-means, the assignment and the sketch (default: for
+                banks of >= 2^20 rows, on a terminal).
         """
         with self._lock:
             state = self._state
@@ -244,6 +253,12 @@ class MemoryBank:
             for name, value in (("iters", iters), ("seed", seed)):
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            dim = state.keys.shape[1]
+            if sketch_dim != "auto" and (isinstance(sketch_dim, bool)
+                                          or not isinstance(sketch_dim, int)
+                                          or not 0 <= sketch_dim <= dim):  # fmt: skip
+                raise ValueError(f"sketch_dim must be 'auto' or an int in [0, "
+                                 f"{dim}] (the key size), got {sketch_dim!r}")
             if labels is not None:
                 labels = _check_labels(labels, rows, num_clusters, state.keys.device)
                 num_clusters = num_clusters or int(labels.max()) + 1
@@ -261,6 +276,10 @@ class MemoryBank:
             perm, offsets = cluster_order(labels, num_clusters)
             keys = state.keys[perm]
             index = cluster_statistics(keys, offsets)
+            basis = sketch_basis(keys, sketch_dim, seed)
+            if basis is not None:
+                sketch, residual = row_sketch(keys, basis, progress)
+                index = dataclasses.replace(index, basis=basis, sketch=sketch, residual=residual)
             values = None if state.values is None else state.values[perm]
             self._set_state(keys, values, state.norms[perm], state.ids[perm], mapped=False,
                             index=index)  # fmt: skip
@@ -303,6 +322,7 @@ class MemoryBank:
             "auto_associative": state.values is None,
             "next_id": self._next_id,
             "index": state.index is not None,
+            "index_sketch": state.index is not None and state.index.basis is not None,
             "tensors": described,
         }
         header = {"__metadata__": {"hen_fast": json.dumps(meta, sort_keys=True)}}
@@ -410,10 +430,14 @@ def _parse(path: Path, buffer: np.ndarray) -> tuple[dict, dict[str, Tensor]]:
     auto = meta.get("auto_associative")
     indexed = meta.get("index", False)  # files from before indexes have no entry
     expected = {"keys", "norms", "ids"} | (set() if auto else {"values"})
+    sketched = meta.get("index_sketch", False)  # nor from before sketches
     if indexed is True:
         expected |= {f"index_{name}" for name in INDEX_FIELDS}
+        if sketched is True:
+            expected |= {f"index_{name}" for name in SKETCH_FIELDS}
     if (not isinstance(auto, bool) or not isinstance(meta.get("next_id"), int)
-            or not isinstance(indexed, bool)):  # fmt: skip
+            or not isinstance(indexed, bool) or not isinstance(sketched, bool)
+            or (sketched and not indexed)):  # fmt: skip
         refuse("bad metadata")
     if not isinstance(described, dict) or set(described) != expected or set(header) != expected:
         refuse(f"tensors {sorted(header)} where {sorted(expected)} belong")

@@ -21,6 +21,7 @@ partition actually used, so a poor clustering costs reads, never exactness.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -55,10 +56,20 @@ class BankIndex:
     radius_l1: Tensor  # (C,) float64, max ||k - c||_1
     max_norm: Tensor  # (C,) float64, max ||k||_2 (the rounding margin of dot / l2 scores)
     max_norm_l1: Tensor  # (C,) float64, max ||k||_1 (the rounding margin of manhattan scores)
+    # The row sketch (None: none): an orthonormal basis U of the keys' leading directions and,
+    # per row, its coordinates U^T k and the norm of the rest, which bound each row's dot score.
+    basis: Tensor | None = None  # (d, p) float64, U^T U = I
+    sketch: Tensor | None = None  # (p, M) float16, U^T k per row (a column each: the filter
+    # streams p rows of M, which vectorise, instead of M dot products of p)
+    residual: Tensor | None = None  # (M,) float32, ||k - U U^T k|| rounded up
 
     @property
     def num_clusters(self) -> int:
         return self.centres.shape[0]
+
+    @property
+    def sketch_dim(self) -> int:
+        return 0 if self.basis is None else self.basis.shape[1]
 
     @property
     def sizes(self) -> Tensor:
@@ -66,14 +77,17 @@ class BankIndex:
 
     def tensors(self) -> dict[str, Tensor]:
         """The index as named tensors (what a bank file stores)."""
-        return {f"index_{name}": getattr(self, name) for name in INDEX_FIELDS}
+        names = INDEX_FIELDS + (SKETCH_FIELDS if self.basis is not None else ())
+        return {f"index_{name}": getattr(self, name) for name in names}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> BankIndex:
-        return cls(*(tensors[f"index_{name}"] for name in INDEX_FIELDS))
+        names = INDEX_FIELDS + (SKETCH_FIELDS if "index_basis" in tensors else ())
+        return cls(**{name: tensors[f"index_{name}"] for name in names})
 
 
 INDEX_FIELDS = ("offsets", "centres", "radius", "radius_l1", "max_norm", "max_norm_l1")
+SKETCH_FIELDS = ("basis", "sketch", "residual")
 
 
 def default_num_clusters(num_memories: int) -> int:
@@ -266,4 +280,134 @@ def verified_index(index: BankIndex, keys: Tensor) -> tuple[BankIndex | None, st
         if not bool(close.all()):
             entry = (~close).nonzero()[0].tolist()
             return None, f"index {name} does not match the keys (entry {entry})"
-    return fresh, None
+    if index.basis is None:
+        return fresh, None
+    with_sketch = dataclasses.replace(fresh, basis=index.basis, sketch=index.sketch,
+                                      residual=index.residual)  # fmt: skip
+    return verified_sketch(with_sketch, keys)
+
+
+# ------------------------------------------------------------------------------------ row sketch
+# Cluster bounds prune little on real features (image patches, text embeddings): a ball around
+# a k-means centre in tens of effective dimensions is loose. A bound per row is tight where the
+# keys' energy sits in few directions: with an orthonormal U (d x p),
+#     x.k = (U^T x).(U^T k) + x_perp.k_perp <= (U^T x).(U^T k) + ||x_perp|| ||k_perp||
+# (x_perp = x - U U^T x), read from p + 1 numbers per row instead of d
+# (hen_fast.sketch_filter). It is kept where the leading p directions hold
+# SKETCH_SHARE of the keys' energy (the smallest p of SKETCH_DIMS, at most d / 4).
+SKETCH_DIMS = (8, 16, 32)
+SKETCH_SHARE = 0.8
+# Rows of the sample the basis is computed from (their second moment, float64).
+SKETCH_SAMPLE = 1 << 16
+
+
+def sketch_basis(keys: Tensor, sketch_dim: int | str, seed: int = 0) -> Tensor | None:
+    """The ``(d, p)`` float64 orthonormal basis of the keys' leading directions (eigenvectors of
+    the uncentred second moment of a seeded sample), or None: ``sketch_dim`` 0, or ``"auto"``
+    when no ``p`` in SKETCH_DIMS (at most d / 4) holds SKETCH_SHARE of the energy."""
+    rows, dim = keys.shape
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(rows, generator=generator)[: min(rows, SKETCH_SAMPLE)]
+    sample = keys[pick.to(keys.device)].double().cpu()
+    moment = sample.T @ sample
+    energy, vectors = torch.linalg.eigh(moment)  # ascending
+    energy, vectors = energy.flip(0).clamp(min=0.0), vectors.flip(1)
+    if sketch_dim == "auto":
+        total = float(energy.sum())
+        share = energy.cumsum(0) / total if total > 0 else torch.zeros_like(energy)
+        fits = [p for p in SKETCH_DIMS if p <= dim // 4 and float(share[p - 1]) >= SKETCH_SHARE]
+        if not fits:
+            return None
+        sketch_dim = fits[0]
+    if sketch_dim == 0:
+        return None
+    # eigh's vectors are orthonormal to float64 rounding; one QR makes it so for the bound.
+    return torch.linalg.qr(vectors[:, :sketch_dim]).Q.contiguous()
+
+
+def row_sketch(keys: Tensor, basis: Tensor, progress: bool | None = False) -> tuple[Tensor, Tensor]:
+    """``(U^T k as float16, ||k - U U^T k|| as float32 rounded up)`` per row (the first ``(p, M)``,
+    a column per row; the second ``(M,)``), from float64, in blocks of rows. The rest's norm is
+    taken of the difference itself, not as ``sqrt(||k||^2 - ||U^T k||^2)``, which cancels where
+    the sketch holds nearly all of ``k``."""
+    rows, dim = keys.shape
+    sketch = torch.empty(basis.shape[1], rows, dtype=torch.float16)
+    residual = torch.empty(rows, dtype=torch.float32)
+    block = max(1, ASSIGN_BLOCK_BYTES // (8 * dim))
+    starts = range(0, rows, block)
+    if progress or (progress is None and rows >= PROGRESS_MIN_ROWS):
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="row sketch", leave=False, disable=None)
+    for start in starts:
+        part = keys[start : start + block].double().cpu()
+        coords = part @ basis
+        rest = torch.linalg.vector_norm(part - coords @ basis.T, dim=1) * (1 + 1e-12)
+        rounded = rest.float()
+        residual[start : start + block] = torch.where(
+            rounded.double() < rest, torch.nextafter(rounded, torch.tensor(math.inf)), rounded
+        )
+        sketch[:, start : start + block] = coords.T.half()
+    return sketch, residual
+
+
+def sketch_query_terms(rows: Tensor, index: BankIndex, similarity: str):
+    """What the sketch filter (:mod:`hen_fast.sketch_filter`) holds each row's bound to, per
+    query: ``(coords, rest, margin)``, float32 ``(B, p)``, float32 ``(B,)``, float64 ``(B,)``,
+    such that the score the kernels compute for query ``b`` and row ``i`` is at most
+    ``coords[b] . sketch[:, i] + rest[b] * residual[i] (- norms[i] for l2) + margin[b]`` (dot;
+    l2 shifted by ``||x||^2``, as the kernels score it: the coordinates and the rest doubled).
+
+    ``margin`` covers float32 products of ``p + 1`` terms on float32-rounded inputs and the
+    kernel's own rounding of the exact score, within ``(d + p + 8)`` units of ``||x|| max ||k||``
+    (l2: of the score's terms), taken 4 times over, and the sketch's own rounding to float16:
+    ``|coords . (s - fl16(s))| <= ||coords|| (2^-11 ||s|| + sqrt(p) 2^-25)`` (relative rounding
+    of normal numbers, absolute of subnormal ones), ``||s|| <= max ||k||``."""
+    x = rows.detach().double().cpu()
+    basis = index.basis
+    coords = x @ basis
+    rest = torch.linalg.vector_norm(x - coords @ basis.T, dim=1) * (1 + 1e-6)
+    x_norm = torch.linalg.vector_norm(x, dim=1)
+    # float32 units whatever the bank's dtype: the filter computes its bounds and scores in
+    # float32 (a float64 bank's own scores round less)
+    unit = 2.0**-24
+    rounding = 4 * (x.shape[1] + basis.shape[1] + 8) * unit
+    max_norm = float(index.max_norm.max()) if index.max_norm.numel() else 0.0
+    p = basis.shape[1]
+    quantised = torch.linalg.vector_norm(coords, dim=1) * (2.0**-11 * max_norm + p**0.5 * 2.0**-25)
+    if similarity == "dot":
+        margin = rounding * x_norm * max_norm + quantised * (1 + 1e-6)
+    else:
+        margin = 2 * rounding * (2 * x_norm * max_norm + max_norm**2 + x_norm**2)
+        margin = margin + 2 * quantised * (1 + 1e-6)
+        coords, rest = 2.0 * coords, 2.0 * rest
+    # float32 rounding of the terms themselves: the rest rounded up, the coordinates' rounding
+    # (relative 2^-24 of each product) inside the margin above
+    rest32 = rest.float()
+    rest32 = torch.where(rest32.double() < rest, torch.nextafter(rest32, torch.tensor(math.inf)),
+                         rest32)  # fmt: skip
+    return coords.float(), rest32, margin
+
+
+def verified_sketch(index: BankIndex, keys: Tensor) -> tuple[BankIndex | None, str | None]:
+    """The index with its sketch recomputed from the keys and its basis, or ``(None, why)``: the
+    basis must be orthonormal, and the stored sketch must be the keys'."""
+    basis, rows, dim = index.basis, *keys.shape
+    if basis.dtype != torch.float64 or basis.dim() != 2 or basis.shape[0] != dim:
+        return None, f"index basis must be float64 of shape ({dim}, p)"
+    p = basis.shape[1]
+    if not 1 <= p <= dim:
+        return None, f"index basis must have 1 to {dim} columns"
+    gram = basis.T @ basis - torch.eye(p, dtype=torch.float64)
+    if float(gram.abs().max()) > 1e-12:
+        return None, "index basis is not orthonormal"
+    for name, shape, dtype in (("sketch", (p, rows), torch.float16),
+                               ("residual", (rows,), torch.float32)):  # fmt: skip
+        tensor = getattr(index, name)
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            return None, f"index {name} must be {dtype} of shape {shape}"
+    sketch, residual = row_sketch(keys, basis)
+    for name, fresh in (("sketch", sketch), ("residual", residual)):
+        if not torch.equal(getattr(index, name), fresh):
+            return None, f"index {name} does not match the keys"
+    return dataclasses.replace(index, sketch=sketch, residual=residual), None

@@ -20,9 +20,11 @@ read once and every query scores all of it, so each query's state is the partial
   with ``n_c relu(beta bound_c)^degree``: a cluster with bound ``<= 0`` weighs exactly nothing.
 
 A call reads at most :data:`FALLBACK_FRACTION` of the bank: once the clusters its queries still
-need do not fit (bounds that do not prune: isotropic data, small beta), those queries go to the
-whole-bank kernel together, and so does every query of a call on a bank too small for the
-visit's fixed cost to pay (many queries, small banks: :data:`CALL_OVERHEAD_BYTES`).
+need do not fit (bounds that do not prune: real features, isotropic data, small beta), those
+queries try the index's row sketch if it has one (:func:`_sketch_stage`, a bound per row, within
+:data:`SKETCH_FRACTION` of the bank), and go to the whole-bank kernel together otherwise; so
+does every query of a call on a bank too small for the visit's fixed cost to pay (many
+queries, small banks: :data:`CALL_OVERHEAD_BYTES`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 
 from . import numerics
 from .backends.norms import remember_sq_norms
-from .index import BankIndex, score_bounds
+from .index import BankIndex, score_bounds, sketch_query_terms
 from .merge import (
     _chunk_partial,
     _scores,
@@ -43,6 +45,7 @@ from .merge import (
     sparse_threshold,
 )
 from .partial import ArgmaxState, CandidateState, DenseState, fold
+from .sketch_filter import sketch_filter
 from .sources import LOCAL
 
 # The softmax mass a call may skip unless it asks otherwise: float32's unit roundoff, below the
@@ -91,6 +94,27 @@ class PrefixSource:
         return source[local_index.to(source.device)].to(self.device)
 
 
+class GatheredSource:
+    """Rows gathered from an indexed bank as a source for the update's finish
+    (:func:`hen_fast.merge.sparse_finish`, the softmax support count), which read chunks
+    without their start: one chunk, start None; values by the bank's indices."""
+
+    offset = 0
+
+    def __init__(self, bank, index, keys, norms, values):
+        self.bank, self.block = bank, (None, keys, norms, values)
+        self.local_count = bank.keys.shape[0]  # every global index is addressable here
+        self.num_memories = keys.shape[0]
+        self.value_dim = bank.value_dim
+
+    def chunks(self):
+        yield self.block
+
+    def values_at(self, local_index: Tensor) -> Tensor:
+        source = self.bank.keys if self.bank.values is None else self.bank.values
+        return source[local_index.to(source.device)].to(self.block[1].device)
+
+
 def _joined(ranges):
     joined: list[tuple[int, int]] = []
     for begin, end in sorted(ranges):
@@ -131,7 +155,12 @@ class IndexedBank:
         """``(global index, keys, norms or None, values or None)`` of these clusters' rows, in
         one block on ``device``: one gather and one scoring per round of a visit, since a call
         per cluster costs more than a small cluster's rows."""
-        index = self.global_index(clusters, self.keys.device)
+        return self.gather_rows(self.global_index(clusters, self.keys.device), device,
+                                with_values)  # fmt: skip
+
+    def gather_rows(self, index: Tensor, device, with_values: bool = True):
+        """``(index, keys, norms or None, values or None)`` of these bank rows on ``device``."""
+        index = index.to(self.keys.device)
         keys = self.keys.index_select(0, index).to(device)
         norms = None if self.norms is None else self.norms.index_select(0, index).to(device)
         if norms is not None:
@@ -158,24 +187,28 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
     ``scan(rows)`` is one update over the whole bank, for the queries that fall back to it."""
     count, memories = rows.shape[0], bank.keys.shape[0]
     fields = _empty_fields(rows, bank.value_dim)
-    # The call may read FALLBACK_FRACTION of the bank's rows. A pool of less than an average
-    # cluster, or a bank of fewer bytes than the queries' fixed cost, cannot pay for the
-    # visit: all scan.
+    # The call may read FALLBACK_FRACTION of the bank's rows. A bank of fewer bytes than the
+    # queries' fixed cost cannot pay for the visit: all scan; a pool of less than an average
+    # cluster leaves the queries to the row sketch (if any), else to the scan.
     pool = FALLBACK_FRACTION * memories
-    hopeless = pool < memories / bank.num_clusters
-    hopeless |= CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes
-    if hopeless:
+    if CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes:
         fallback = torch.arange(count, device=rows.device)
     else:
         visit = _Visit(rows, score_bounds(rows, bank.index, similarity), bank, impl=impl,
                        beta=beta, similarity=similarity, separation=separation, alpha=alpha,
                        degree=degree, candidates=candidates, eps=eps)  # fmt: skip
-        visit.run(pool)
+        if pool >= memories / bank.num_clusters:
+            visit.run(pool)
+        else:  # not one average cluster fits the pool: only the sketch can spare reads
+            visit.scanned[:] = True
         done = (~visit.scanned).nonzero()[:, 0]
         if done.numel():
             for field, value in zip(fields, visit.result(done, want_info)):
                 field[done.to(field.device)] = value.to(field.dtype)
-        fallback = visit.scanned.nonzero()[:, 0].to(rows.device)
+        fallback = visit.scanned.nonzero()[:, 0]
+        if fallback.numel() and sketch_applies(bank, similarity, separation, eps):
+            fallback = _sketch_stage(visit, fallback, fields, want_info)
+        fallback = fallback.to(rows.device)
     if fallback.numel():
         scanned = scan(rows[fallback])
         for field, value in zip(fields, scanned):
@@ -219,6 +252,7 @@ class _Visit:
         self.log_eps = math.log(eps) if eps > 0 else -math.inf
         filled = bank.size_table > 0
         self.scanned = ~torch.isfinite(bounds[:, filled]).all(dim=1)
+        self.unbounded = self.scanned.clone()  # queries no bound holds for (their rule)
         # The unread clusters' bounds (-inf: read or empty), per query.
         self.unread = bounds.clone()
         self.taken: list[Tensor] = []
@@ -265,6 +299,36 @@ class _Visit:
             if not self.sparse:  # the bound on what is left unread, as of this round
                 self.mass = torch.logsumexp(weights, dim=1).exp().clamp(max=1.0)
 
+    def cut(self, which: Tensor, memories: int) -> Tensor:
+        """Per query of ``which``, the score at or below which an unread row cannot matter, by
+        what the visit read (float64, CPU; l2 shifted by ``||x||^2``, as the bounds are): sparse,
+        the threshold of the rows read; softmax, the best score less ``log(M / eps) / beta``
+        (every row below weighs at most ``eps / M`` of the best)."""
+        if not self.taken:  # nothing read: no row bounds anything yet
+            return torch.full((which.numel(),), -math.inf, dtype=torch.float64)
+        if self.sparse:
+            return self.state.floor(self.beta, self.alpha)[which]
+        best = self.state.state.best.double().cpu()[which]
+        if self.state.similarity == "l2":
+            best = best + (self.rows[which].double() ** 2).sum(dim=1).cpu()
+        return best - self.cut_gap(memories)
+
+    def cut_gap(self, memories: int) -> float:
+        """How far below the best score the cut of :meth:`cut` may lie at most: sparse, below
+        the best score by ``1 / ((alpha - 1) beta)`` (tau >= -1); softmax ``log(M / eps) /
+        beta``."""
+        if self.sparse:
+            return 1.0 / ((self.alpha - 1.0) * self.beta)
+        return (math.log(memories) - self.log_eps) / self.beta
+
+    def fresh_state(self, rows: Tensor):
+        """An empty state like the visit's, for ``rows``."""
+        state = self.state
+        if self.sparse:
+            return _SparseVisit(rows, state.similarity, state.candidates)
+        return _DenseVisit(rows, state.impl, self.beta, state.similarity, state.separation,
+                           self.degree, self.bank.value_dim)  # fmt: skip
+
     def result(self, which: Tensor, want_info: bool):
         """``(out, support, argmax, lse, fraction_read, mass_bound)`` of queries ``which``."""
         rows, bank = self.rows, self.bank
@@ -304,7 +368,9 @@ class _SparseVisit:
         self.kept = CandidateState.empty(rows.shape[0], rows)
 
     def take(self, bank, clusters):
-        index, keys, norms, _ = bank.gather(clusters, self.rows.device, with_values=False)
+        self.take_rows(*bank.gather(clusters, self.rows.device, with_values=False))
+
+    def take_rows(self, index, keys, norms, values=None):
         scores = _scores(self.rows, keys, norms, self.similarity)
         best = ArgmaxState.of_scores(0, scores)
         self.argmax = self.argmax.merge(ArgmaxState(best.best, index[best.index]))
@@ -336,7 +402,9 @@ class _DenseVisit:
         self.state = DenseState.empty(rows.shape[0], value_dim, rows)
 
     def take(self, bank, clusters):
-        index, keys, norms, values = bank.gather(clusters, self.rows.device)
+        self.take_rows(*bank.gather(clusters, self.rows.device))
+
+    def take_rows(self, index, keys, norms, values):
         part = _chunk_partial(self.rows, 0, keys, norms, values, self.impl, self.beta,
                               self.similarity, self.separation, self.degree)  # fmt: skip
         part = DenseState(part.rel, part.out, part.best, index[part.index], part.support)
@@ -364,3 +432,91 @@ class _DenseVisit:
                                        state.rel[which], state.best[which])  # fmt: skip
         lse = state.lse(self.scale)[which].to(self.rows.dtype)
         return state.out[which], support, state.index[which], lse
+
+
+# ------------------------------------------------------------------------------ the row sketch
+# The queries the clusters leave to the scan (their bounds do not prune: real features, whose
+# clusters are loose balls in tens of effective dimensions) may still skip most rows by the
+# index's row sketch, a bound per row (hen_fast.sketch_filter): one read of p float16 numbers
+# and one float32 per row names the rows above each query's cut, and only those are gathered
+# and scored. The cut starts from what the cluster visit reached and rises inside the filter as
+# it scores the rows that pass: a row's score less the gap bounds the threshold from below
+# (sparse: theta >= s_max - 1 / ((alpha - 1) beta); softmax: every row more than
+# log(M / eps) / beta below the best weighs at most eps / M of it). Every row left out has a
+# bound at or below the final cut, so the update over the rows that passed is the whole bank's.
+# The stage gathers at most SKETCH_FRACTION of the bank's rows, an equal share per query; once one
+# query needs more, the filter stops and the call's queries go to the scan together (which
+# reads the bank once for all of them, so one query that scans costs the others little). On
+# the 0.9e6 image patches about half the queries at beta 100-1000 have 20-45% of the bank
+# within their cut (smooth patches that differ in fine detail), which no bound separates; a
+# quarter need under 1% of it.
+SKETCH_FRACTION = 0.05
+
+
+def sketch_applies(bank: IndexedBank, similarity: str, separation: str, eps: float) -> bool:
+    """Whether queries the clusters do not prune for may try the row sketch: a bank with one,
+    dot or l2 (with the bank's norms), a separation whose skipped rows are certified (sparsemax
+    / entmax: weight 0; softmax with eps > 0: weight within eps), and a bank in CPU memory (the
+    filter runs there)."""
+    if bank.index.basis is None or separation not in ("sparsemax", "entmax", "softmax"):
+        return False
+    if (separation == "softmax" and not eps > 0) or bank.keys.device.type != "cpu":
+        return False  # eps = 0: every row with any weight, which no bound certifies
+    return similarity == "dot" or (similarity == "l2" and bank.norms is not None)
+
+
+def _sketch_stage(visit: _Visit, queries: Tensor, fields, want_info: bool) -> Tensor:
+    """Answers what it can of ``queries`` (CPU indices the cluster visit left to the scan) from
+    the rows the sketch filter passes, into ``fields``; returns the queries left to the scan."""
+    queries = queries[~visit.unbounded[queries]]
+    left = visit.scanned.nonzero()[:, 0]
+    left = left[visit.unbounded[left]]  # a query no bound holds for: always the scan
+    if not queries.numel():
+        return torch.cat([left, queries])
+    bank, memories = visit.bank, visit.bank.keys.shape[0]
+    limit = int(SKETCH_FRACTION * memories) // queries.numel()  # rows each query may pass
+    rows = visit.rows[queries]
+    similarity = visit.state.similarity
+    coords, rest, margin = sketch_query_terms(rows, bank.index, similarity)
+    cut = _rounded_down(torch.nan_to_num(visit.cut(queries, memories), nan=-math.inf) - margin)
+    # A row's score less the gap bounds the threshold from below, less the margin (the filter's
+    # float32 score and the kernels' are each within it of the exact score).
+    gap = (visit.cut_gap(memories) + 3 * margin).float() * (1 + 1e-6)
+    x = rows.detach().float().cpu() * (2.0 if similarity == "l2" else 1.0)
+    norms = bank.norms.float().cpu() if similarity == "l2" else None
+    keys = bank.keys if bank.keys.dtype in (torch.bfloat16, torch.float16) else bank.keys.float()
+    filtered = (x, keys.cpu(), norms, coords, rest, bank.index.sketch, bank.index.residual, cut,
+                gap)  # fmt: skip
+    passed, counts, cut = sketch_filter(*filtered, limit)
+    if bool((counts > limit).any()) or passed.numel() > limit * queries.numel():
+        return torch.cat([left, queries])  # then they all scan: a scan reads the bank once
+    state = visit.fresh_state(rows)
+    gathered = bank.gather_rows(passed, rows.device)
+    state.take_rows(*gathered)
+    source = GatheredSource(bank, *gathered)
+    out, support, argmax, lse = state.finish(torch.arange(queries.numel()), source, visit.beta,
+                                             visit.alpha, want_info)  # fmt: skip
+    # The share of the bank's bytes read: the clusters visited, the rows gathered, the sketch
+    # (and l2's norms).
+    read = (bank.index.sketch, bank.index.residual) + ((norms,) if norms is not None else ())
+    sketch_bytes = sum(t.numel() * t.element_size() for t in read)
+    fraction = (visit.read + passed.numel()) / memories + sketch_bytes / bank.nbytes
+    mass = torch.zeros(queries.numel(), dtype=torch.float64)
+    if not visit.sparse:  # each row left out weighs at most what its bound, the cut, allows
+        skipped = (memories - counts).double()[:, None]
+        mass = state.log_mass((cut.double() + margin)[:, None], skipped, visit.beta,
+                              visit.degree)[:, 0].exp().clamp(max=1.0)  # fmt: skip
+    device = visit.rows.device
+    where = queries.to(device)
+    for field, value in zip(fields, (out, support, argmax, lse)):
+        field[where] = value.to(field.dtype)
+    fields[4][where] = min(fraction, 1.0)
+    fields[5][where] = mass.to(device=device, dtype=fields[5].dtype)
+    return left
+
+
+def _rounded_down(values: Tensor) -> Tensor:
+    """float64 values as float32, each at or below its value."""
+    rounded = values.float()
+    low = torch.nextafter(rounded, torch.tensor(-math.inf))
+    return torch.where(rounded.double() > values, low, rounded)

@@ -30,7 +30,9 @@ class RetrieveInfo:
             kernels use. Floating point (float64 when any input was float64, else float32).
         fraction_read: the fraction of the bank's memories scored for the query in its last
             update: below 1 where a bank index skipped clusters (:meth:`MemoryBank.build_index`),
-            1 for a scan. Same dtype as ``lse``.
+            1 for a scan. Where the index's row sketch answered, the share of the bank's bytes
+            read: the rows scored plus the sketch itself (``p`` float16 and one float32 per row;
+            l2 also the norms). Same dtype as ``lse``.
         mass_bound: softmax and polynomial over an index: an upper bound on the weight the skipped
             memories would have had (relative to the memories read; the output is off by at most
             ``2 * mass_bound * max ||v||``), at most the call's ``eps``. 0 where nothing was

@@ -43,9 +43,30 @@ using RetrieveStepBackwardFn = RetrieveStepBackwardResult(
     const at::Tensor& threshold, double beta, int64_t similarity, int64_t separation,
     double alpha, double degree);
 
+// ---- hen_fast::sketch_filter: the rows of an indexed bank whose sketch bound passes a cut. ----
+// For each query b and bank row i the bound coords[b] . sketch[:, i] + rest[b] * residual[i]
+// (- sq_norms[i] when given) is held to query b's cut, which starts at cut[b]; a row above it is
+// scored, x[b] . keys[i] (- sq_norms[i]), and the cut rises to that score less gap[b] when that
+// is higher. `rows` are the bank rows (ascending) that passed for at least one query (a NaN
+// bound passes), `counts` how many passed for each query, `cut_used` each query's highest cut.
+// With limit >= 0 the op may stop once more than `limit` rows passed for one query: that count is
+// then above `limit`, and rows and counts are incomplete. The sketch is float16.
+inline constexpr const char* kSketchFilterSchema =
+    "sketch_filter(Tensor x, Tensor keys, Tensor? sq_norms, Tensor coords, Tensor rest, "
+    "Tensor sketch, Tensor residual, Tensor cut, Tensor gap, int limit) "
+    "-> (Tensor rows, Tensor counts, Tensor cut_used)";
+using SketchFilterResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using SketchFilterFn = SketchFilterResult(const at::Tensor& x, const at::Tensor& keys,
+                                          const std::optional<at::Tensor>& sq_norms,
+                                          const at::Tensor& coords, const at::Tensor& rest,
+                                          const at::Tensor& sketch, const at::Tensor& residual,
+                                          const at::Tensor& cut, const at::Tensor& gap,
+                                          int64_t limit);
+
 // ---- The kernels (csrc/cpu, csrc/cuda). ----
 RetrieveStepFn retrieve_step_cpu;
 RetrieveStepBackwardFn retrieve_step_backward_cpu;
+SketchFilterFn sketch_filter_cpu;
 #ifdef HEN_FAST_WITH_CUDA
 RetrieveStepFn retrieve_step_cuda;
 #endif

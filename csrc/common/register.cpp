@@ -38,10 +38,12 @@ Libraries core_libraries() {
   made.push_back(library(torch::Library::DEF, std::nullopt, __LINE__));
   made.back()->def(kRetrieveStepSchema);
   made.back()->def(kRetrieveStepBackwardSchema);
+  made.back()->def(kSketchFilterSchema);
   made.push_back(library(torch::Library::IMPL, c10::DispatchKey::CPU, __LINE__));
   made.back()->impl("retrieve_step", static_cast<RetrieveStepFn*>(&retrieve_step_cpu));
   made.back()->impl("retrieve_step_backward",
                     static_cast<RetrieveStepBackwardFn*>(&retrieve_step_backward_cpu));
+  made.back()->impl("sketch_filter", static_cast<SketchFilterFn*>(&sketch_filter_cpu));
   return made;
 }
 

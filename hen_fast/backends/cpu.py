@@ -159,9 +159,16 @@ def _fake_retrieve_step_backward(
     return (x.new_empty(x.shape), x.new_empty(keys.shape), x.new_empty(values.shape))
 
 
+def _fake_sketch_filter(x, keys, sq_norms, coords, rest, sketch, residual, cut, gap, limit):
+    passed = torch.library.get_ctx().new_dynamic_size()  # as many as pass the cut
+    return (x.new_empty(passed, dtype=torch.long), x.new_empty(x.shape[0], dtype=torch.long),
+            x.new_empty(x.shape[0]))  # fmt: skip
+
+
 FAKE_KERNELS = {
     "hen_fast::retrieve_step": _fake_retrieve_step,
     "hen_fast::retrieve_step_backward": _fake_retrieve_step_backward,
+    "hen_fast::sketch_filter": _fake_sketch_filter,
 }
 
 

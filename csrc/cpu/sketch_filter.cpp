@@ -1,0 +1,289 @@
+// hen_fast::sketch_filter (CPU): the rows of an indexed bank whose sketch bound passes each
+// query's cut, in one read of the sketch, the cut rising as the rows that pass are scored
+// (hen_fast/sketch_filter.py says what it is for, csrc/common/ops.h what each argument is).
+//
+// The bound of query b on row i is  coords[b] . sketch[:, i] + rest[b] * residual[i]
+// (- sq_norms[i] for l2): p float16 numbers and one float32 per row instead of d. The sketch is stored (p, M), a
+// column per row, so a block of rows is p contiguous runs: the products vectorise as streams
+// (one multiply-add per row and coordinate) instead of M short dot products, and a block stays
+// in cache while every query reads it. A row that passes is scored exactly (its key row read),
+// and the cut becomes max(cut, best score - gap): the caller's own cut usually comes from a few
+// rows, and the best row is found within the first rows that pass, after which few do. The
+// best score is shared by the threads (an atomic maximum), so every range of the bank gains
+// from what any has found; which rows pass can therefore vary from run to run (always a
+// superset of those above the final cut).
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "../common/ops.h"
+#include "parallel.h"
+
+namespace hen_fast {
+namespace {
+
+// Rows per block: a block's bounds (4 KB) and marks stay in L1 while each query's products run.
+constexpr int64_t kBlockRows = 1024;
+// Blocks per task: enough tasks to balance two to a few dozen threads.
+constexpr int64_t kTaskBlocks = 8;
+
+// One query's bounds over rows [begin, begin + count): bound[i] for row begin + i. The sketch is
+// float16 (half the bytes of the pass, which is memory-bound), widened in registers: F16C /
+// AVX-512 conversions where the CPU has them, else c10::Half's.
+void bounds_init(const float* residual, const float* sq_norms, float rest, int64_t begin,
+                 int64_t count, float* bound) {
+  const float* res = residual + begin;
+  if (sq_norms != nullptr) {
+    const float* norms = sq_norms + begin;
+    for (int64_t i = 0; i < count; ++i) bound[i] = rest * res[i] - norms[i];
+  } else {
+    for (int64_t i = 0; i < count; ++i) bound[i] = rest * res[i];
+  }
+}
+
+// GCC 12's AVX-512 intrinsics start from _mm512_undefined_ps(), a self-initialised variable that
+// -Wmaybe-uninitialized reports wherever they are inlined (as in onepass.cpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+__attribute__((target("avx512f"))) void bounds_avx512(const float* coords, int64_t dims,
+                                                       const c10::Half* sketch, int64_t stride,
+                                                       int64_t begin, int64_t count,
+                                                       float* bound) {
+  for (int64_t j = 0; j < dims; ++j) {
+    const __m512 c = _mm512_set1_ps(coords[j]);
+    const c10::Half* column = sketch + j * stride + begin;
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(column + i));
+      const __m512 acc = _mm512_loadu_ps(bound + i);
+      _mm512_storeu_ps(bound + i, _mm512_fmadd_ps(c, _mm512_cvtph_ps(half), acc));
+    }
+    for (; i < count; ++i) bound[i] += coords[j] * static_cast<float>(column[i]);
+  }
+}
+
+#pragma GCC diagnostic pop
+
+__attribute__((target("avx2,fma,f16c"))) void bounds_avx2(const float* coords, int64_t dims,
+                                                           const c10::Half* sketch,
+                                                           int64_t stride, int64_t begin,
+                                                           int64_t count, float* bound) {
+  for (int64_t j = 0; j < dims; ++j) {
+    const __m256 c = _mm256_set1_ps(coords[j]);
+    const c10::Half* column = sketch + j * stride + begin;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(column + i));
+      const __m256 acc = _mm256_loadu_ps(bound + i);
+      _mm256_storeu_ps(bound + i, _mm256_fmadd_ps(c, _mm256_cvtph_ps(half), acc));
+    }
+    for (; i < count; ++i) bound[i] += coords[j] * static_cast<float>(column[i]);
+  }
+}
+
+void bounds_generic(const float* coords, int64_t dims, const c10::Half* sketch, int64_t stride,
+                    int64_t begin, int64_t count, float* bound) {
+  for (int64_t j = 0; j < dims; ++j) {
+    const c10::Half* column = sketch + j * stride + begin;
+    for (int64_t i = 0; i < count; ++i) bound[i] += coords[j] * static_cast<float>(column[i]);
+  }
+}
+
+using BoundsFn = void (*)(const float*, int64_t, const c10::Half*, int64_t, int64_t, int64_t,
+                          float*);
+
+BoundsFn widest_bounds() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return bounds_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return bounds_avx2;
+  return bounds_generic;
+}
+
+// How many bounds are above the cut (NaN counts as above: never skipped); branch-free, so that
+// it vectorises. Most blocks have none once the cut has risen, and skip the scalar pass.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+int64_t count_above(const float* bound, float cut, int64_t count) {
+  int64_t above = 0;
+  for (int64_t i = 0; i < count; ++i) above += !(bound[i] <= cut);
+  return above;
+}
+
+// x . k in float32, in 16 running sums (a fixed-width inner loop the compiler vectorises).
+template <typename Key>
+float row_dot(const float* x, const Key* key, int64_t dim) {
+  float sums[16] = {0.0f};
+  int64_t j = 0;
+  for (; j + 16 <= dim; j += 16) {
+    for (int l = 0; l < 16; ++l) sums[l] += x[j + l] * static_cast<float>(key[j + l]);
+  }
+  for (; j < dim; ++j) sums[j & 15] += x[j] * static_cast<float>(key[j]);
+  float total = 0.0f;
+  for (float s : sums) total += s;
+  return total;
+}
+
+void atomic_max(std::atomic<float>& target, float value) {
+  float seen = target.load(std::memory_order_relaxed);
+  while (value > seen && !target.compare_exchange_weak(seen, value, std::memory_order_relaxed)) {
+  }
+}
+
+struct TaskResult {
+  std::vector<int64_t> rows;
+};
+
+struct Problem {
+  int64_t queries, dims, dim, rows, sketch_stride, key_stride, limit;
+  const float *x, *coords, *rest, *cut, *gap;
+  const c10::Half* sketch;
+  const float *residual, *sq_norms;
+};
+
+template <typename Key>
+SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptions& options) {
+  const int64_t blocks = (pb.rows + kBlockRows - 1) / kBlockRows;
+  const int64_t tasks = (blocks + kTaskBlocks - 1) / kTaskBlocks;
+  std::vector<TaskResult> results(static_cast<size_t>(tasks));
+  // Per query, the highest cut any row has given (max(cut, score - gap)), shared by the tasks.
+  std::vector<std::atomic<float>> cuts(static_cast<size_t>(pb.queries));
+  for (int64_t q = 0; q < pb.queries; ++q) cuts[static_cast<size_t>(q)].store(pb.cut[q]);
+  // Rows passed per query so far, over all tasks: once one query passes more than `limit`, the
+  // caller scans instead, and every task stops.
+  std::vector<std::atomic<int64_t>> passed(static_cast<size_t>(pb.queries));
+  for (auto& count : passed) count.store(0);
+  std::atomic<bool> stop{false};
+  static const BoundsFn bounds = widest_bounds();
+  parallel_tasks(0, tasks, [&](int64_t first, int64_t last) {
+    std::vector<float> bound(kBlockRows);
+    std::vector<uint8_t> mark(kBlockRows);
+    for (int64_t task = first; task < last; ++task) {
+      TaskResult& result = results[static_cast<size_t>(task)];
+      const int64_t end_block = std::min(blocks, (task + 1) * kTaskBlocks);
+      for (int64_t block = task * kTaskBlocks; block < end_block; ++block) {
+        if (stop.load(std::memory_order_relaxed)) return;
+        const int64_t begin = block * kBlockRows, count = std::min(kBlockRows, pb.rows - begin);
+        bool any = false;
+        for (int64_t q = 0; q < pb.queries; ++q) {
+          bounds_init(pb.residual, pb.sq_norms, pb.rest[q], begin, count, bound.data());
+          bounds(pb.coords + q * pb.dims, pb.dims, pb.sketch, pb.sketch_stride, begin, count,
+                 bound.data());
+          std::atomic<float>& shared = cuts[static_cast<size_t>(q)];
+          float cut = shared.load(std::memory_order_relaxed);
+          if (count_above(bound.data(), cut, count) == 0) continue;
+          if (!any) std::fill(mark.begin(), mark.begin() + count, uint8_t{0});
+          any = true;
+          const float* xq = pb.x + q * pb.dim;
+          int64_t above = 0;
+          for (int64_t i = 0; i < count; ++i) {
+            if (bound[static_cast<size_t>(i)] <= cut) continue;  // the cut may have risen
+            const int64_t row = begin + i;
+            float score = row_dot(xq, keys + row * pb.key_stride, pb.dim);
+            if (pb.sq_norms != nullptr) score -= pb.sq_norms[row];
+            mark[static_cast<size_t>(i)] = 1;
+            ++above;
+            const float raised = score - pb.gap[q];
+            if (raised > cut) {
+              atomic_max(shared, raised);
+              cut = shared.load(std::memory_order_relaxed);
+            }
+          }
+          const int64_t total =
+              passed[static_cast<size_t>(q)].fetch_add(above, std::memory_order_relaxed) + above;
+          if (pb.limit >= 0 && total > pb.limit) stop.store(true, std::memory_order_relaxed);
+        }
+        if (!any) continue;
+        for (int64_t i = 0; i < count; ++i) {
+          if (mark[static_cast<size_t>(i)]) result.rows.push_back(begin + i);
+        }
+      }
+    }
+  });
+
+  int64_t total = 0;
+  for (const TaskResult& result : results) total += static_cast<int64_t>(result.rows.size());
+  at::Tensor out_rows = at::empty({total}, options.dtype(at::kLong));
+  at::Tensor out_counts = at::empty({pb.queries}, options.dtype(at::kLong));
+  at::Tensor out_cut = at::empty({pb.queries}, options.dtype(at::kFloat));
+  int64_t* rows_p = out_rows.data_ptr<int64_t>();
+  int64_t* counts_p = out_counts.data_ptr<int64_t>();
+  for (const TaskResult& result : results) {
+    rows_p = std::copy(result.rows.begin(), result.rows.end(), rows_p);
+  }
+  float* cut_p = out_cut.data_ptr<float>();
+  for (int64_t q = 0; q < pb.queries; ++q) {
+    counts_p[q] = passed[static_cast<size_t>(q)].load();
+    cut_p[q] = cuts[static_cast<size_t>(q)].load();
+  }
+  return {out_rows, out_counts, out_cut};
+}
+
+}  // namespace
+
+SketchFilterResult sketch_filter_cpu(const at::Tensor& x, const at::Tensor& keys,
+                                     const std::optional<at::Tensor>& sq_norms,
+                                     const at::Tensor& coords, const at::Tensor& rest,
+                                     const at::Tensor& sketch, const at::Tensor& residual,
+                                     const at::Tensor& cut, const at::Tensor& gap,
+                                     int64_t limit) {
+  TORCH_CHECK(x.dim() == 2 && keys.dim() == 2 && coords.dim() == 2 && sketch.dim() == 2 &&
+                  rest.dim() == 1 && residual.dim() == 1 && cut.dim() == 1 && gap.dim() == 1,
+              "sketch_filter: x (B, d), keys (M, d), coords (B, p), rest (B,), sketch (p, M), "
+              "residual (M,), cut (B,), gap (B,)");
+  const int64_t queries = x.size(0), dim = x.size(1), rows = keys.size(0);
+  TORCH_CHECK(keys.size(1) == dim, "sketch_filter: keys have ", keys.size(1), " columns, x ",
+              dim);
+  TORCH_CHECK(coords.size(0) == queries && rest.size(0) == queries && cut.size(0) == queries &&
+                  gap.size(0) == queries,
+              "sketch_filter: coords, rest, cut and gap need one entry per query");
+  TORCH_CHECK(sketch.size(0) == coords.size(1) && sketch.size(1) == rows &&
+                  residual.size(0) == rows,
+              "sketch_filter: sketch must be (p, M) and residual (M,) for M = ", rows);
+  for (const at::Tensor* t : {&x, &coords, &rest, &residual, &cut, &gap}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(),
+                "sketch_filter: x, coords, rest, residual, cut and gap must be float32 on the "
+                "CPU");
+  }
+  TORCH_CHECK(sketch.scalar_type() == at::kHalf && sketch.device().is_cpu(),
+              "sketch_filter: sketch must be float16 on the CPU");
+  TORCH_CHECK(keys.device().is_cpu() && (keys.scalar_type() == at::kFloat ||
+                                         keys.scalar_type() == at::kBFloat16 ||
+                                         keys.scalar_type() == at::kHalf),
+              "sketch_filter: keys must be float32, bfloat16 or float16 on the CPU");
+  TORCH_CHECK(sketch.stride(1) == 1 && (rows == 0 || sketch.stride(0) >= rows),
+              "sketch_filter: sketch rows must be contiguous");
+  TORCH_CHECK(keys.stride(1) == 1 || dim <= 1, "sketch_filter: keys need unit column stride");
+  const at::Tensor x_c = x.contiguous(), coords_c = coords.contiguous(), rest_c = rest.contiguous(),
+                   residual_c = residual.contiguous(), cut_c = cut.contiguous(),
+                   gap_c = gap.contiguous();
+  at::Tensor norms_c;
+  if (sq_norms.has_value()) {
+    TORCH_CHECK(sq_norms->dim() == 1 && sq_norms->size(0) == rows &&
+                    sq_norms->scalar_type() == at::kFloat && sq_norms->device().is_cpu(),
+                "sketch_filter: sq_norms must be float32 (M,) on the CPU");
+    norms_c = sq_norms->contiguous();
+  }
+  Problem pb{queries, coords.size(1), dim, rows, sketch.stride(0), keys.stride(0), limit,
+             x_c.data_ptr<float>(), coords_c.data_ptr<float>(), rest_c.data_ptr<float>(),
+             cut_c.data_ptr<float>(), gap_c.data_ptr<float>(), sketch.data_ptr<c10::Half>(),
+             residual_c.data_ptr<float>(), norms_c.defined() ? norms_c.data_ptr<float>() : nullptr};
+  const at::TensorOptions options = x.options();
+  switch (keys.scalar_type()) {
+    case at::kBFloat16:
+      return run(pb, keys.data_ptr<c10::BFloat16>(), options);
+    case at::kHalf:
+      return run(pb, keys.data_ptr<c10::Half>(), options);
+    default:
+      return run(pb, keys.data_ptr<float>(), options);
+  }
+}
+
+}  // namespace hen_fast
