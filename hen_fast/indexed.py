@@ -445,11 +445,11 @@ class _DenseVisit:
 # log(M / eps) / beta below the best weighs at most eps / M of it). Every row left out has a
 # bound at or below the final cut, so the update over the rows that passed is the whole bank's.
 # The stage gathers at most SKETCH_FRACTION of the bank's rows, an equal share per query; once one
-# query needs more, the filter stops and the call's queries go to the scan together (which
-# reads the bank once for all of them, so one query that scans costs the others little). On
-# the 0.9e6 image patches about half the queries at beta 100-1000 have 20-45% of the bank
-# within their cut (smooth patches that differ in fine detail), which no bound separates; a
-# quarter need under 1% of it.
+# query needs more (or passes rows at a pace that will), the filter stops and the call's queries
+# go to the scan together (which reads the bank once for all of them, so one query that scans
+# costs the others little). On the 0.9e6 image patches about half the queries at beta
+# 100-1000 have 20-45% of the bank within their cut (smooth patches that differ in fine
+# detail), which no bound separates; a quarter need under 1% of it.
 SKETCH_FRACTION = 0.05
 
 

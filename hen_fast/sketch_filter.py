@@ -44,10 +44,11 @@ def sketch_filter(x: Tensor, keys: Tensor, sq_norms: Tensor | None, coords: Tens
     ``cut``, ``gap`` ``(B,)``, ``residual`` and ``sq_norms`` ``(M,)``; ``sketch`` ``(p, M)``
     float16 with unit column stride; ``keys`` ``(M, d)`` float32, bfloat16 or float16.
 
-    With ``limit >= 0`` the filter may stop once more than ``limit`` rows passed for one query:
-    that count is then above ``limit``, and ``rows`` and ``counts`` are incomplete (the caller
-    scans instead). Which rows pass can vary from run to run (threads raise the cut as they
-    go), never below the final cut."""
+    With ``limit >= 0`` the filter may stop once a query passed more than ``limit`` rows, or
+    passes them at a pace that will (more than ``limit / 4`` ahead of ``limit`` times the share
+    of rows read): that query's count is then above ``limit``, and ``rows`` and ``counts`` are
+    incomplete (the caller scans instead). Which rows pass can vary from run to run (threads
+    raise the cut as they go), never below the final cut."""
     from .backends.cpu import load_extension
 
     args = (x, keys, sq_norms, coords, rest, sketch, residual, cut, gap, limit)

@@ -129,8 +129,12 @@ def test_op_and_torch_version_agree_and_limit_stops_early(gen):
     op = torch.ops.hen_fast.sketch_filter(*args, -1)
     ref = sketch_filter_torch(*args, -1)
     assert abs(op[0].numel() - ref[0].numel()) <= 3 and bool(((op[1] - ref[1]).abs() <= 3).all())
+    # a limit below what passes stops the op: a count above the limit says so, rows are fewer
     stopped = torch.ops.hen_fast.sketch_filter(*args, 50)
-    assert stopped[0].numel() > 50 and stopped[0].numel() < op[0].numel()
+    assert bool((stopped[1] > 50).any()) and stopped[0].numel() < op[0].numel()
+    # a limit above what passes changes nothing (the pace check sees them spread over the bank)
+    roomy = torch.ops.hen_fast.sketch_filter(*args, 4 * int(op[1].max()))
+    assert abs(roomy[0].numel() - op[0].numel()) <= 3
     # empty bank, no queries
     none = torch.ops.hen_fast.sketch_filter(x, keys[:0], None, coords, rest, sketch[:, :0],
                                             residual[:0], cut, gap, -1)  # fmt: skip

@@ -49,8 +49,9 @@ using RetrieveStepBackwardFn = RetrieveStepBackwardResult(
 // scored, x[b] . keys[i] (- sq_norms[i]), and the cut rises to that score less gap[b] when that
 // is higher. `rows` are the bank rows (ascending) that passed for at least one query (a NaN
 // bound passes), `counts` how many passed for each query, `cut_used` each query's highest cut.
-// With limit >= 0 the op may stop once more than `limit` rows passed for one query: that count is
-// then above `limit`, and rows and counts are incomplete. The sketch is float16.
+// With limit >= 0 the op may stop once a query passed more than `limit` rows, or passes them at a
+// pace that will (more than limit / 4 ahead of limit times the share of rows read): that query's
+// count is then above `limit`, and rows and counts are incomplete. The sketch is float16.
 inline constexpr const char* kSketchFilterSchema =
     "sketch_filter(Tensor x, Tensor keys, Tensor? sq_norms, Tensor coords, Tensor rest, "
     "Tensor sketch, Tensor residual, Tensor cut, Tensor gap, int limit) "

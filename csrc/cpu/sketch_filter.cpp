@@ -156,11 +156,14 @@ SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptio
   // Per query, the highest cut any row has given (max(cut, score - gap)), shared by the tasks.
   std::vector<std::atomic<float>> cuts(static_cast<size_t>(pb.queries));
   for (int64_t q = 0; q < pb.queries; ++q) cuts[static_cast<size_t>(q)].store(pb.cut[q]);
-  // Rows passed per query so far, over all tasks: once one query passes more than `limit`, the
-  // caller scans instead, and every task stops.
+  // Rows passed per query so far, over all tasks: once one query passes more than `limit`, or
+  // passes rows at a pace that will (more than limit / 4 ahead of `limit` times the share of the
+  // bank read: a query with a fifth of the bank inside its cut is found after about 2% of it,
+  // not after it has scored `limit` rows), the caller scans instead, and every task stops.
   std::vector<std::atomic<int64_t>> passed(static_cast<size_t>(pb.queries));
   for (auto& count : passed) count.store(0);
-  std::atomic<bool> stop{false};
+  std::atomic<int64_t> processed{0};
+  std::atomic<int64_t> stopped_by{-1};
   static const BoundsFn bounds = widest_bounds();
   parallel_tasks(0, tasks, [&](int64_t first, int64_t last) {
     std::vector<float> bound(kBlockRows);
@@ -169,7 +172,7 @@ SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptio
       TaskResult& result = results[static_cast<size_t>(task)];
       const int64_t end_block = std::min(blocks, (task + 1) * kTaskBlocks);
       for (int64_t block = task * kTaskBlocks; block < end_block; ++block) {
-        if (stop.load(std::memory_order_relaxed)) return;
+        if (stopped_by.load(std::memory_order_relaxed) >= 0) return;
         const int64_t begin = block * kBlockRows, count = std::min(kBlockRows, pb.rows - begin);
         bool any = false;
         for (int64_t q = 0; q < pb.queries; ++q) {
@@ -198,8 +201,15 @@ SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptio
           }
           const int64_t total =
               passed[static_cast<size_t>(q)].fetch_add(above, std::memory_order_relaxed) + above;
-          if (pb.limit >= 0 && total > pb.limit) stop.store(true, std::memory_order_relaxed);
+          const double read = static_cast<double>(processed.load(std::memory_order_relaxed) +
+                                                  count) / static_cast<double>(pb.rows);
+          const double pace = static_cast<double>(pb.limit) * (read + 0.25);
+          if (pb.limit >= 0 && (total > pb.limit || static_cast<double>(total) > pace)) {
+            int64_t none = -1;
+            stopped_by.compare_exchange_strong(none, q, std::memory_order_relaxed);
+          }
         }
+        processed.fetch_add(count, std::memory_order_relaxed);
         if (!any) continue;
         for (int64_t i = 0; i < count; ++i) {
           if (mark[static_cast<size_t>(i)]) result.rows.push_back(begin + i);
@@ -223,6 +233,9 @@ SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptio
     counts_p[q] = passed[static_cast<size_t>(q)].load();
     cut_p[q] = cuts[static_cast<size_t>(q)].load();
   }
+  // A stop shows as a count above the limit, whatever stopped it.
+  const int64_t stopper = stopped_by.load();
+  if (stopper >= 0) counts_p[stopper] = std::max(counts_p[stopper], pb.limit + 1);
   return {out_rows, out_counts, out_cut};
 }
 
