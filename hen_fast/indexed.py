@@ -191,13 +191,16 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
     # queries' fixed cost cannot pay for the visit: all scan; a pool of less than an average
     # cluster leaves the queries to the row sketch (if any), else to the scan.
     pool = FALLBACK_FRACTION * memories
-    if CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes:
+    clusters_fit = pool >= memories / bank.num_clusters
+    sketched = sketch_applies(bank, similarity, separation, eps)
+    if (CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes
+            or not (clusters_fit or sketched)):  # fmt: skip
         fallback = torch.arange(count, device=rows.device)
     else:
         visit = _Visit(rows, score_bounds(rows, bank.index, similarity), bank, impl=impl,
                        beta=beta, similarity=similarity, separation=separation, alpha=alpha,
                        degree=degree, candidates=candidates, eps=eps)  # fmt: skip
-        if pool >= memories / bank.num_clusters:
+        if clusters_fit:
             visit.run(pool)
         else:  # not one average cluster fits the pool: only the sketch can spare reads
             visit.scanned[:] = True
@@ -206,7 +209,7 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
             for field, value in zip(fields, visit.result(done, want_info)):
                 field[done.to(field.device)] = value.to(field.dtype)
         fallback = visit.scanned.nonzero()[:, 0]
-        if fallback.numel() and sketch_applies(bank, similarity, separation, eps):
+        if fallback.numel() and sketched:
             fallback = _sketch_stage(visit, fallback, fields, want_info)
         fallback = fallback.to(rows.device)
     if fallback.numel():
