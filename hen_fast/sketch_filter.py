@@ -78,7 +78,9 @@ def sketch_filter_torch(x, keys, sq_norms, coords, rest, sketch, residual, cut, 
         counts += above.sum(dim=1)
         found = above.any(dim=0).nonzero()[:, 0]
         if found.numel():
-            scores = _scores(x, keys, sq_norms, found[None].expand(queries, -1) + start)
+            scores = x @ keys[found + start].float().T  # every query on the rows any passed
+            if sq_norms is not None:
+                scores -= sq_norms[found + start]
             best = torch.where(above[:, found], scores, -math.inf).max(dim=1).values
             cut = torch.maximum(cut, best - gap)
         passed.append(found + start)
@@ -87,7 +89,7 @@ def sketch_filter_torch(x, keys, sq_norms, coords, rest, sketch, residual, cut, 
 
 
 def _scores(x: Tensor, keys: Tensor, sq_norms: Tensor | None, rows: Tensor) -> Tensor:
-    """``(B, n)``: query ``b``'s score on bank rows ``rows[b]``."""
+    """``(B, n)``: query ``b``'s score on bank rows ``rows[b]`` (a few rows each)."""
     picked = keys[rows].float()  # (B, n, d)
     scores = torch.einsum("bd,bnd->bn", x, picked)
     return scores if sq_norms is None else scores - sq_norms[rows]

@@ -344,3 +344,43 @@ def test_op_schema_and_fake_kernel(gen):
     args = (x, keys, norms, coords, rest, sketch, residual, torch.zeros(3), torch.ones(3), -1)
     torch.library.opcheck(torch.ops.hen_fast.sketch_filter.default, args,
                           test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_OP, reason="the extension is not built")
+def test_every_instruction_set_gives_the_same_rows(gen, monkeypatch):
+    """The bounds loop of each instruction set this CPU runs (HEN_FAST_CPU_ISA), against the
+    float64 reference; a set it does not run is refused."""
+    import hen_fast.backends.cpu as cpu
+
+    x, keys, norms, coords, rest, sketch, residual = random_problem(gen)
+    bound = reference_bounds(coords, rest, sketch, residual, norms)
+    cut = bound.quantile(0.95, dim=1).float()
+    args = (x, keys, norms, coords, rest, sketch, residual, cut, torch.full((3,), math.inf), -1)
+    margin = 1e-4 * (1 + bound.abs().max())
+    sure = set((bound > cut.double()[:, None] + margin).any(dim=0).nonzero()[:, 0].tolist())
+    maybe = set((bound > cut.double()[:, None] - margin).any(dim=0).nonzero()[:, 0].tolist())
+    for isa in cpu.instruction_sets():
+        monkeypatch.setenv("HEN_FAST_CPU_ISA", "avx512" if isa == "amx" else isa)
+        rows = torch.ops.hen_fast.sketch_filter(*args)[0]
+        assert sure <= set(rows.tolist()) <= maybe, isa
+    if "avx512" not in cpu.instruction_sets():
+        monkeypatch.setenv("HEN_FAST_CPU_ISA", "avx512")
+        with pytest.raises(RuntimeError, match="does not run"):
+            torch.ops.hen_fast.sketch_filter(*args)
+
+
+@pytest.mark.parametrize("similarity", ["dot", "l2"])
+def test_huge_beta_and_large_norms(gen, similarity):
+    """beta 1e30 (sparse: the gap vanishes, the margin alone separates; softmax: argmax) and keys
+    of norm 300 (the margins scale with the norms)."""
+    bank, queries = sketched_bank(gen)
+    for separation in ("sparsemax", "entmax", "softmax"):
+        info = assert_as_scan(queries, bank, beta=1e30, similarity=similarity,
+                              separation=separation)  # fmt: skip
+        assert bool((info.fraction_read < 0.2).all())
+    big = MemoryBank(300.0 * bank.keys)
+    big.build_index(1)
+    beta = 300.0 / 300.0**2  # the same scaled scores as beta 300 on unit keys
+    info = assert_as_scan(300.0 * queries, big, beta=beta, similarity=similarity,
+                          separation="sparsemax")  # fmt: skip
+    assert bool((info.fraction_read < 0.3).all())

@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "../common/ops.h"
+#include "onepass.h"
 #include "parallel.h"
 
 namespace hen_fast {
@@ -38,7 +39,7 @@ constexpr int64_t kTaskBlocks = 8;
 
 // One query's bounds over rows [begin, begin + count): bound[i] for row begin + i. The sketch is
 // float16 (half the bytes of the pass, which is memory-bound), widened in registers: F16C /
-// AVX-512 conversions where the CPU has them, else c10::Half's.
+// AVX-512 conversions where the CPU has them (or HEN_FAST_CPU_ISA asks), else c10::Half's.
 void bounds_init(const float* residual, const float* sq_norms, float rest, int64_t begin,
                  int64_t count, float* bound) {
   const float* res = residual + begin;
@@ -101,10 +102,14 @@ void bounds_generic(const float* coords, int64_t dims, const c10::Half* sketch, 
 using BoundsFn = void (*)(const float*, int64_t, const c10::Half*, int64_t, int64_t, int64_t,
                           float*);
 
-BoundsFn widest_bounds() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return bounds_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return bounds_avx2;
+// The bounds loop for the instruction set of this call: the CPU's widest, or the narrower one
+// HEN_FAST_CPU_ISA asks for (as the one-pass kernel reads it, so tests run every variant).
+BoundsFn bounds_for_call() {
+  const char* error = nullptr;
+  const onepass::Isa isa = onepass::isa_for_call(&error);
+  TORCH_CHECK(error == nullptr, "sketch_filter: ", error);
+  if (isa == onepass::kAvx512) return bounds_avx512;
+  if (isa == onepass::kAvx2) return bounds_avx2;
   return bounds_generic;
 }
 
@@ -164,7 +169,7 @@ SketchFilterResult run(const Problem& pb, const Key* keys, const at::TensorOptio
   for (auto& count : passed) count.store(0);
   std::atomic<int64_t> processed{0};
   std::atomic<int64_t> stopped_by{-1};
-  static const BoundsFn bounds = widest_bounds();
+  const BoundsFn bounds = bounds_for_call();
   parallel_tasks(0, tasks, [&](int64_t first, int64_t last) {
     std::vector<float> bound(kBlockRows);
     std::vector<uint8_t> mark(kBlockRows);
