@@ -15,7 +15,9 @@ Data (everything offline):
   mean removed and unit norm, flat patches dropped: real image features with real structure;
 * ``isotropic``: unit Gaussian directions (d = 128), where no bound prunes;
 * ``text`` (``--data text``, needs the ``text`` extra, ~15 minutes the first time): MiniLM
-  sentence embeddings of the installed Python's docstring sentences (d = 384, --text-rows).
+  sentence embeddings of the installed Python's docstring sentences (d = 384, --text-rows);
+* ``tokens`` (``--data tokens``, the ``text`` extra, ~20 minutes the first time for 1e6):
+  MiniLM's contextual token embeddings of those sentences (d = 384, --M of them).
 
 Queries are noisy copies of stored memories (noise ``sigma / sqrt(d)`` per coordinate, then unit
 norm), dot similarity. Each case makes --calls calls of B queries each (fresh queries per call:
@@ -80,6 +82,37 @@ def text(rows: int, gen) -> torch.Tensor:
 
     sentences = docstring_sentences(rows)
     keys = load_text("minilm").encode(sentences, batch_size=256, progress=True)
+    keys = torch.nn.functional.normalize(keys[torch.randperm(keys.shape[0], generator=gen)], dim=1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(keys, cache)
+    return keys
+
+
+def tokens(rows: int, gen) -> torch.Tensor:
+    """MiniLM's contextual token embeddings (its last layer, per word piece, before pooling; the
+    [CLS] and [SEP] tokens left out) of the same docstring sentences, unit norm: ``rows`` real
+    embeddings, d = 384, from ~rows / 20 sentences (the vectors a late-interaction retriever
+    stores). Cached in ~/.cache/hen_fast like ``text``."""
+    cache = Path.home() / ".cache" / "hen_fast" / f"index-tokens-{rows}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    from hen_fast.encoders import load_text
+
+    model = load_text("minilm").model
+    sentences = docstring_sentences(max(1, rows // 8))
+    parts, count, batch = [], 0, 4096
+    with tqdm(total=rows, desc="token embeddings", unit="row") as bar:
+        for start in range(0, len(sentences), batch):
+            out = model.encode(sentences[start:start + batch], batch_size=256,
+                               output_value="token_embeddings")  # fmt: skip
+            for piece in out:
+                piece = torch.as_tensor(piece)[1:-1]  # no [CLS], [SEP]
+                parts.append(piece)
+                count += piece.shape[0]
+                bar.update(piece.shape[0])
+            if count >= rows:
+                break
+    keys = torch.cat(parts)[:rows].float()
     keys = torch.nn.functional.normalize(keys[torch.randperm(keys.shape[0], generator=gen)], dim=1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(keys, cache)
@@ -222,7 +255,8 @@ def combined(parts: list[dict]) -> dict:
 def build(name: str, rows: int, args, gen):
     keys = {"clustered": lambda: clustered(rows, gen, args.spread), "patches": lambda: patches(
         rows, gen), "isotropic": lambda: isotropic(rows, gen),
-        "text": lambda: text(min(rows, args.text_rows), gen)}[name]()  # fmt: skip
+        "text": lambda: text(min(rows, args.text_rows), gen),
+        "tokens": lambda: tokens(rows, gen)}[name]()  # fmt: skip
     bank = hen_fast.MemoryBank(keys)
     start = time.perf_counter()
     index = bank.build_index()
@@ -258,7 +292,7 @@ def main(argv=None) -> None:
     parser.add_argument("--beta", type=float, nargs="+", default=[10, 30, 100, 300, 1000])
     parser.add_argument("--beta-fixed", type=float, default=100)
     parser.add_argument("--sigma", type=float, default=0.3, help="query noise (norm)")
-    parser.add_argument("--sigma-sweep", type=float, nargs="+", default=[0.1, 0.6, 1.0])
+    parser.add_argument("--sigma-sweep", type=float, nargs="*", default=[0.1, 0.6, 1.0])
     parser.add_argument("--spread", type=float, default=0.05, help="clustered: noise per coord")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--calls", type=int, default=8,

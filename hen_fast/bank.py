@@ -239,9 +239,9 @@ class MemoryBank:
             seed: seeds the k-means sample and its initial centres.
             sketch_dim: the row sketch's size ``p`` (a bound on every row's dot / l2 score from
                 ``p`` float16 numbers and one float32 per row, for queries whose cluster bounds
-                do not prune: :mod:`hen_fast.sketch_filter`); 0: none; ``"auto"``: the smallest
-                of 8, 16, 32 (at most d / 4) whose leading directions hold 80% of the keys'
-                energy, else none (:func:`hen_fast.index.sketch_basis`).
+                do not prune: :mod:`hen_fast.sketch_filter`); 0: none; ``"auto"``: the largest of
+                8, 16, 32, 64 whose 2p + 4 bytes a row are at most 8% of a key's, else none
+                (:func:`hen_fast.index.auto_sketch_dim`).
             progress: progress bars for k-means, the assignment and the sketch (default: for
                 banks of >= 2^20 rows, on a terminal).
         """

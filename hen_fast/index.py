@@ -72,6 +72,12 @@ class BankIndex:
         return 0 if self.basis is None else self.basis.shape[1]
 
     @property
+    def sketch_bytes(self) -> int:
+        """The bytes one read of the row sketch takes (0: none)."""
+        parts = (self.sketch, self.residual) if self.basis is not None else ()
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    @property
     def sizes(self) -> Tensor:
         return self.offsets[1:] - self.offsets[:-1]
 
@@ -289,38 +295,44 @@ def verified_index(index: BankIndex, keys: Tensor) -> tuple[BankIndex | None, st
 
 # ------------------------------------------------------------------------------------ row sketch
 # Cluster bounds prune little on real features (image patches, text embeddings): a ball around
-# a k-means centre in tens of effective dimensions is loose. A bound per row is tight where the
-# keys' energy sits in few directions: with an orthonormal U (d x p),
+# a k-means centre in tens of effective dimensions is loose. A bound per row is tighter: with an
+# orthonormal U (d x p),
 #     x.k = (U^T x).(U^T k) + x_perp.k_perp <= (U^T x).(U^T k) + ||x_perp|| ||k_perp||
 # (x_perp = x - U U^T x), read from p + 1 numbers per row instead of d
-# (hen_fast.sketch_filter). It is kept where the leading p directions hold
-# SKETCH_SHARE of the keys' energy (the smallest p of SKETCH_DIMS, at most d / 4).
-SKETCH_DIMS = (8, 16, 32)
-SKETCH_SHARE = 0.8
+# (hen_fast.sketch_filter). It needs a query well above the rest of the bank, not keys in few
+# directions: a noisy copy of a stored unit key scores ~0.96 on it and at most ~0.4 on the
+# other 2e5 isotropic keys of d = 128, whose bounds with p = 16 (13% of their energy) are
+# ~0.87 +- 0.03, so ~1% of the rows pass at beta 100 (sparsemax). "auto" sizes the sketch by
+# bytes: the largest p of SKETCH_DIMS whose 2p + 4 bytes a row are at most SKETCH_BYTES_SHARE
+# of a key's. Where the bound cannot separate (smooth image patches: many rows within 0.01 of
+# the best), the filter gives up early (hen_fast.indexed).
+SKETCH_DIMS = (8, 16, 32, 64)
+SKETCH_BYTES_SHARE = 0.08
 # Rows of the sample the basis is computed from (their second moment, float64).
 SKETCH_SAMPLE = 1 << 16
+
+
+def auto_sketch_dim(dim: int, key_bytes: int) -> int:
+    """``p`` for ``sketch_dim="auto"``: the largest of SKETCH_DIMS whose row of the sketch (p
+    float16 numbers and a float32) takes at most SKETCH_BYTES_SHARE of a key's ``dim *
+    key_bytes`` bytes; 0 where none does (keys too short for a sketch to spare reads)."""
+    fits = [p for p in SKETCH_DIMS if 2 * p + 4 <= SKETCH_BYTES_SHARE * dim * key_bytes]
+    return fits[-1] if fits else 0
 
 
 def sketch_basis(keys: Tensor, sketch_dim: int | str, seed: int = 0) -> Tensor | None:
     """The ``(d, p)`` float64 orthonormal basis of the keys' leading directions (eigenvectors of
     the uncentred second moment of a seeded sample), or None: ``sketch_dim`` 0, or ``"auto"``
-    when no ``p`` in SKETCH_DIMS (at most d / 4) holds SKETCH_SHARE of the energy."""
+    where no ``p`` fits (:func:`auto_sketch_dim`)."""
     rows, dim = keys.shape
+    if sketch_dim == "auto":
+        sketch_dim = auto_sketch_dim(dim, keys.element_size())
+    if sketch_dim == 0:
+        return None
     generator = torch.Generator().manual_seed(seed)
     pick = torch.randperm(rows, generator=generator)[: min(rows, SKETCH_SAMPLE)]
     sample = keys[pick.to(keys.device)].double().cpu()
-    moment = sample.T @ sample
-    energy, vectors = torch.linalg.eigh(moment)  # ascending
-    energy, vectors = energy.flip(0).clamp(min=0.0), vectors.flip(1)
-    if sketch_dim == "auto":
-        total = float(energy.sum())
-        share = energy.cumsum(0) / total if total > 0 else torch.zeros_like(energy)
-        fits = [p for p in SKETCH_DIMS if p <= dim // 4 and float(share[p - 1]) >= SKETCH_SHARE]
-        if not fits:
-            return None
-        sketch_dim = fits[0]
-    if sketch_dim == 0:
-        return None
+    vectors = torch.linalg.eigh(sample.T @ sample).eigenvectors.flip(1)  # descending energy
     # eigh's vectors are orthonormal to float64 rounding; one QR makes it so for the bound.
     return torch.linalg.qr(vectors[:, :sketch_dim]).Q.contiguous()
 

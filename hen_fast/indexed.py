@@ -19,10 +19,12 @@ read once and every query scores all of it, so each query's state is the partial
   query is done when that is ``<= eps`` and returns it as ``mass_bound``. Polynomial likewise
   with ``n_c relu(beta bound_c)^degree``: a cluster with bound ``<= 0`` weighs exactly nothing.
 
-A call reads at most :data:`FALLBACK_FRACTION` of the bank: once the clusters its queries still
-need do not fit (bounds that do not prune: real features, isotropic data, small beta), those
-queries try the index's row sketch if it has one (:func:`_sketch_stage`, a bound per row, within
-:data:`SKETCH_FRACTION` of the bank), and go to the whole-bank kernel together otherwise; so
+A call reads at most :data:`FALLBACK_FRACTION` of the bank (on a sketched bank, at most the
+rows the sketch's bytes are worth): once the clusters its queries still need do not fit (bounds
+that do not prune: real features, isotropic data, small beta), those queries read their best
+few clusters (:data:`SEED_CLUSTERS`) and try the index's row sketch if it has one
+(:func:`_sketch_stage`, a bound per row, within :data:`SKETCH_FRACTION` of the bank), and go to
+the whole-bank kernel together otherwise; so
 does every query of a call on a bank too small for the visit's fixed cost to pay (many
 queries, small banks: :data:`CALL_OVERHEAD_BYTES`).
 """
@@ -191,8 +193,11 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
     # queries' fixed cost cannot pay for the visit: all scan; a pool of less than an average
     # cluster leaves the queries to the row sketch (if any), else to the scan.
     pool = FALLBACK_FRACTION * memories
-    clusters_fit = pool >= memories / bank.num_clusters
     sketched = sketch_applies(bank, similarity, separation, eps)
+    if sketched:  # clusters past the sketch's bytes cost more than one read of the sketch
+        key_bytes = bank.keys.numel() * bank.keys.element_size()
+        pool = min(pool, memories * bank.index.sketch_bytes / key_bytes)
+    clusters_fit = pool >= memories / bank.num_clusters
     if (CALL_OVERHEAD_BYTES + count * QUERY_OVERHEAD_BYTES > bank.nbytes
             or not (clusters_fit or sketched)):  # fmt: skip
         fallback = torch.arange(count, device=rows.device)
@@ -201,7 +206,7 @@ def indexed_step(rows: Tensor, bank: IndexedBank, scan, *, impl, beta, similarit
                        beta=beta, similarity=similarity, separation=separation, alpha=alpha,
                        degree=degree, candidates=candidates, eps=eps)  # fmt: skip
         if clusters_fit:
-            visit.run(pool)
+            visit.run(pool, seed_rows=SKETCH_SEED_FRACTION * memories if sketched else 0.0)
         else:  # not one average cluster fits the pool: only the sketch can spare reads
             visit.scanned[:] = True
         done = (~visit.scanned).nonzero()[:, 0]
@@ -271,7 +276,11 @@ class _Visit:
         weights = self.state.log_mass(self.unread, sizes, self.beta, self.degree)
         return weights, _needed_for_eps(weights, self.log_eps)
 
-    def run(self, pool: float) -> None:
+    def run(self, pool: float, seed_rows: float = 0.0) -> None:
+        """Visits clusters in rounds until every query is answered or needs more than ``pool``
+        rows in all. ``seed_rows``: the queries that give up first read their best clusters
+        (by bound) up to that many rows in all, at most SEED_CLUSTERS each, so that the row
+        sketch starts from a cut near their best score."""
         sizes = self.bank.size_table
         # the first round: each query's best bound
         needed = torch.zeros_like(self.unread, dtype=torch.bool)
@@ -285,7 +294,10 @@ class _Visit:
             # past the pool, a scan is certain, and every query still needing goes to it.
             union = needed.any(dim=0)
             if self.read + float(sizes[union].sum()) > pool:
-                self.scanned |= needed.any(dim=1)
+                giving_up = needed.any(dim=1)
+                if seed_rows > 0:
+                    self._seed(giving_up, needed, weights, seed_rows)
+                self.scanned |= giving_up
                 break
             # This round: each query's round_size best needed clusters, joined.
             take = min(self.round_size, int(needed.sum(dim=1).max()))
@@ -301,6 +313,23 @@ class _Visit:
             weights, needed = self.weights_and_needs()
             if not self.sparse:  # the bound on what is left unread, as of this round
                 self.mass = torch.logsumexp(weights, dim=1).exp().clamp(max=1.0)
+
+    def _seed(self, queries: Tensor, needed: Tensor, weights: Tensor, rows: float) -> None:
+        """Reads, for each of ``queries`` (a mask), its best needed clusters, up to ``rows`` rows
+        for them all (an equal share, at least one cluster each, at most SEED_CLUSTERS)."""
+        sizes = self.bank.size_table
+        count = int(queries.sum())
+        average = float(sizes.sum()) / max(1, int((sizes > 0).sum()))
+        each = int(min(SEED_CLUSTERS, max(1.0, rows / (count * average))))
+        ranked = torch.where(needed[queries], weights[queries], -math.inf).topk(each, dim=1)
+        chosen = torch.zeros(needed.shape[1], dtype=torch.bool)
+        chosen[ranked.indices[torch.isfinite(ranked.values)]] = True
+        step = chosen.nonzero()[:, 0]
+        if step.numel():
+            self.state.take(self.bank, step)
+            self.taken.append(step)
+            self.unread[:, step] = -math.inf
+            self.read += float(sizes[step].sum())
 
     def cut(self, which: Tensor, memories: int) -> Tensor:
         """Per query of ``which``, the score at or below which an unread row cannot matter, by
@@ -450,10 +479,19 @@ class _DenseVisit:
 # The stage gathers at most SKETCH_FRACTION of the bank's rows, an equal share per query; once one
 # query needs more (or passes rows at a pace that will), the filter stops and the call's queries
 # go to the scan together (which reads the bank once for all of them, so one query that scans
-# costs the others little). On the 0.9e6 image patches about half the queries at beta
-# 100-1000 have 20-45% of the bank within their cut (smooth patches that differ in fine
-# detail), which no bound separates; a quarter need under 1% of it.
+# costs the others little). On 1e6 MiniLM token embeddings (p = 32) one noisy copy passes
+# under 1% of the rows at beta 30-1000 (sparse); on the 0.9e6 image patches about half the
+# queries at beta 100-1000 have 20-45% of the bank within their cut (smooth patches that differ
+# in fine detail), which no bound separates (benchmarks/index_cpu.py).
 SKETCH_FRACTION = 0.05
+# The cut the filter starts from is only as high as the best row read: a query whose clusters do
+# not prune reads its SEED_CLUSTERS best clusters (by bound) first, up to SKETCH_SEED_FRACTION
+# of the bank's rows for the call's queries together. On 2e5 isotropic keys (1789 clusters) a
+# noisy copy's own cluster had the best bound for 61% of the queries and was among the best 18
+# for all; missing it, the filter's cut starts from the second best score (~0.4 there), every
+# row passes, and the query scans.
+SEED_CLUSTERS = 16
+SKETCH_SEED_FRACTION = 0.01
 
 
 def sketch_applies(bank: IndexedBank, similarity: str, separation: str, eps: float) -> bool:
@@ -501,8 +539,7 @@ def _sketch_stage(visit: _Visit, queries: Tensor, fields, want_info: bool) -> Te
                                              visit.alpha, want_info)  # fmt: skip
     # The share of the bank's bytes read: the clusters visited, the rows gathered, the sketch
     # (and l2's norms).
-    read = (bank.index.sketch, bank.index.residual) + ((norms,) if norms is not None else ())
-    sketch_bytes = sum(t.numel() * t.element_size() for t in read)
+    sketch_bytes = bank.index.sketch_bytes + (norms.numel() * 4 if norms is not None else 0)
     fraction = (visit.read + passed.numel()) / memories + sketch_bytes / bank.nbytes
     mass = torch.zeros(queries.numel(), dtype=torch.float64)
     if not visit.sparse:  # each row left out weighs at most what its bound, the cut, allows

@@ -14,7 +14,7 @@ from test_index import assert_as_scan, scan
 
 import hen_fast
 from hen_fast import BankIntegrityError, MemoryBank, indexed
-from hen_fast.index import row_sketch, sketch_basis, sketch_query_terms
+from hen_fast.index import auto_sketch_dim, row_sketch, sketch_basis, sketch_query_terms
 from hen_fast.sketch_filter import sketch_filter_torch
 
 from helpers import rel_err, tolerance, value_scale
@@ -35,7 +35,12 @@ def sketch_on_small_banks(monkeypatch):
     monkeypatch.setattr(indexed, "SKETCH_FRACTION", 0.5)
 
 
-def low_rank_keys(gen, rows=3000, dim=40, rank=6, noise=0.03):
+# Key size of the test banks: the smallest of float32 keys "auto" sketches with p = 8 (2 * 8 + 4
+# bytes a row <= 8% of 4 * 64).
+DIM = 64
+
+
+def low_rank_keys(gen, rows=3000, dim=DIM, rank=6, noise=0.03):
     """Unit rows whose energy sits in ``rank`` directions: a sketch of 8 holds it."""
     keys = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, dim, generator=gen)
     keys = keys / rank**0.5 + noise * torch.randn(rows, dim, generator=gen)
@@ -179,10 +184,20 @@ def test_op_reads_key_rows_past_2_31_elements():
 def test_basis_choice_and_sketch_rounding(gen):
     keys = low_rank_keys(gen, rows=500)
     basis = sketch_basis(keys, "auto")
-    assert basis.shape == (40, 8) and basis.dtype == torch.float64
+    assert basis.shape == (DIM, 8) and basis.dtype == torch.float64
     assert torch.allclose(basis.T @ basis, torch.eye(8, dtype=torch.float64), atol=1e-12)
-    assert sketch_basis(torch.randn(500, 40, generator=gen), "auto") is None  # isotropic
-    assert sketch_basis(keys, 0) is None and sketch_basis(keys, 3).shape == (40, 3)
+    # the leading directions: the rank-6 part of the keys lies in the basis' span
+    leading = torch.linalg.svd(keys.double(), full_matrices=False).Vh[:6].T
+    assert float(torch.linalg.matrix_norm(leading - basis @ (basis.T @ leading), 2)) < 0.1
+    # "auto" goes by bytes (2p + 4 <= 0.32 d of float32 keys): none below 63 numbers, 16 from
+    # 113, 32 from 213, 64 from 413; bfloat16 keys need twice as many numbers
+    assert sketch_basis(keys[:, :62], "auto") is None
+    edges = (62, 63, 112, 113, 212, 213, 412, 413, 1024)
+    sizes = [auto_sketch_dim(dim, 4) for dim in edges]
+    assert sizes == [0, 8, 8, 16, 16, 32, 32, 64, 64]
+    assert auto_sketch_dim(128, 2) == 8 and auto_sketch_dim(128, 8) == 32
+    assert sketch_basis(torch.randn(500, 128, generator=gen), "auto").shape == (128, 16)
+    assert sketch_basis(keys, 0) is None and sketch_basis(keys, 3).shape == (DIM, 3)
     sketch, residual = row_sketch(keys, basis)
     assert sketch.shape == (8, 500) and sketch.dtype == torch.float16
     exact = keys.double() - (keys.double() @ basis) @ basis.T
@@ -197,7 +212,7 @@ def test_query_terms_bound_every_computed_score(gen, similarity):
     for scale in (1.0, 300.0):
         bank = MemoryBank(scale * low_rank_keys(gen, rows=800))
         bank.build_index(4)
-        queries = bank.keys[:6] + scale * 0.3 * torch.randn(6, 40, generator=gen)
+        queries = bank.keys[:6] + scale * 0.3 * torch.randn(6, DIM, generator=gen)
         coords, rest, margin = sketch_query_terms(queries, bank.index, similarity)
         bound = reference_bounds(coords, rest, bank.index.sketch, bank.index.residual,
                                  bank.norms if similarity == "l2" else None)  # fmt: skip
@@ -226,8 +241,8 @@ def test_sketch_answers_as_the_scan(gen, case, backend):
     bank, queries = sketched_bank(gen)
     info = assert_as_scan(queries, bank, backend, beta=beta, similarity=similarity,
                           separation=separation, alpha=alpha)  # fmt: skip
-    # the sketch (8 float16 and a float32 of 40 float32 per row: 12.5%) and a few rows
-    share = (8 * 2 + 4 + (4 if similarity == "l2" else 0)) / (40 * 4)
+    # the sketch (8 float16 and a float32 of 64 float32 per row: 7.8%) and a few rows
+    share = (8 * 2 + 4 + (4 if similarity == "l2" else 0)) / (DIM * 4)
     assert bool((info.fraction_read < share + 0.05).all())
     assert bool((info.fraction_read > share).all())
     if separation == "softmax":
@@ -244,6 +259,36 @@ def test_clusters_first_then_the_sketch(gen):
         beta = 300.0 if separation == "sparsemax" else 3000.0
         assert_as_scan(queries, bank, beta=beta, separation=separation, steps=3)
         assert_as_scan(queries, hetero, beta=beta, separation=separation)
+
+
+@pytest.mark.parametrize("separation", ["sparsemax", "softmax"])
+def test_clusters_that_mislead_the_first_round_are_seeded_past(gen, monkeypatch, separation):
+    """A query whose best-bound clusters are decoys (antipodal pairs: centre 0, radius 1, so
+    their bound ||x|| beats its own singleton cluster's 0.96) reads the decoys first; the seed
+    round then reads its best clusters up to SEED_CLUSTERS, finds its own memory, and the
+    sketch answers from a cut near its score. Without the seed the op's cut starts from a
+    decoy's score, every row before its memory passes (it lies in the second block of rows),
+    and the call scans (the torch filter scores each block's rows of highest bound first and
+    may find it)."""
+    rows, dim, decoys = 2000, DIM, 3
+    keys = torch.nn.functional.normalize(torch.randn(rows, dim, generator=gen), dim=1)
+    keys[rows - decoys :] = -keys[rows - 2 * decoys : rows - decoys]
+    labels = torch.arange(rows)
+    labels[rows - decoys :] = labels[rows - 2 * decoys : rows - decoys]  # each pair one cluster
+    labels = torch.unique(labels, return_inverse=True)[1]
+    bank = MemoryBank(keys)
+    bank.build_index(labels=labels, sketch_dim=8)
+    source = int((bank.ids == 1500).nonzero())
+    query = bank.keys[source] + 0.02 * torch.randn(dim, generator=gen)
+    query = torch.nn.functional.normalize(query, dim=0)[None]
+    beta = 300.0 if separation == "sparsemax" else 3000.0
+    info = assert_as_scan(query, bank, beta=beta, separation=separation)
+    assert float(info.fraction_read[0]) < 0.5
+    assert int(info.argmax[0]) == source
+    monkeypatch.setattr(indexed, "SEED_CLUSTERS", 0)
+    info = assert_as_scan(query, bank, beta=beta, separation=separation)
+    if HAS_OP:
+        assert float(info.fraction_read[0]) == 1.0
 
 
 def test_a_hard_query_sends_its_call_to_the_scan(gen, monkeypatch):
@@ -273,14 +318,14 @@ def test_low_precision_banks_and_nan_queries(gen):
     bank, queries = sketched_bank(gen)
     for dtype in (torch.bfloat16, torch.float16, torch.float64):
         other = MemoryBank(bank.keys.to(dtype))
-        other.build_index(1)
+        other.build_index(1, sketch_dim=8)  # "auto" would give 16-bit keys of d = 64 none
         rows = queries.to(dtype)
         out, info = hen_fast.retrieve(rows, other, beta=300.0, separation="sparsemax",
                                       return_info=True)  # fmt: skip
         full, full_info = scan(rows, other, beta=300.0, separation="sparsemax", return_info=True)
         assert torch.equal(info.support, full_info.support) and out.dtype == dtype
         assert rel_err(out, full, scale=value_scale(other.values)) <= tolerance(dtype)
-        assert bool((info.fraction_read < 0.3).all())  # the sketch: 20 of 80 bytes a row
+        assert bool((info.fraction_read < 0.3).all())  # the sketch: 20 of 128 bytes a row
     queries[1, 3] = math.nan
     out, info = hen_fast.retrieve(queries, bank, beta=300.0, separation="sparsemax",
                                   check_finite=False, return_info=True)  # fmt: skip
@@ -333,7 +378,7 @@ def test_sketch_dim_argument(gen):
     assert bank.index.basis is None and bank.index.sketch_dim == 0
     bank.build_index(3, sketch_dim=5)
     assert bank.index.sketch_dim == 5 and bank.index.sketch.shape == (5, 300)
-    for bad in (-1, 41, 2.5, True, "big"):
+    for bad in (-1, DIM + 1, 2.5, True, "big"):
         with pytest.raises(ValueError, match="sketch_dim"):
             bank.build_index(3, sketch_dim=bad)
 
@@ -352,17 +397,22 @@ def test_every_instruction_set_gives_the_same_rows(gen, monkeypatch):
     float64 reference; a set it does not run is refused."""
     import hen_fast.backends.cpu as cpu
 
-    x, keys, norms, coords, rest, sketch, residual = random_problem(gen)
+    # 15 queries: the loops' groups of 8, 4, 2 and 1
+    x, keys, norms, coords, rest, sketch, residual = random_problem(gen, queries=15)
     bound = reference_bounds(coords, rest, sketch, residual, norms)
     cut = bound.quantile(0.95, dim=1).float()
-    args = (x, keys, norms, coords, rest, sketch, residual, cut, torch.full((3,), math.inf), -1)
+    args = (x, keys, norms, coords, rest, sketch, residual, cut, torch.full((15,), math.inf), -1)
     margin = 1e-4 * (1 + bound.abs().max())
     sure = set((bound > cut.double()[:, None] + margin).any(dim=0).nonzero()[:, 0].tolist())
     maybe = set((bound > cut.double()[:, None] - margin).any(dim=0).nonzero()[:, 0].tolist())
     for isa in cpu.instruction_sets():
         monkeypatch.setenv("HEN_FAST_CPU_ISA", "avx512" if isa == "amx" else isa)
-        rows = torch.ops.hen_fast.sketch_filter(*args)[0]
+        rows, counts, _ = torch.ops.hen_fast.sketch_filter(*args)
         assert sure <= set(rows.tolist()) <= maybe, isa
+        for q in (0, 9, 14):  # alone, a query passes as it did in its group
+            alone = [t[q : q + 1] if t.shape[0] == 15 and t is not keys else t for t in args[:-1]]
+            _, one_count, _ = torch.ops.hen_fast.sketch_filter(*alone, -1)
+            assert int(one_count[0]) == int(counts[q]), (isa, q)
     if "avx512" not in cpu.instruction_sets():
         monkeypatch.setenv("HEN_FAST_CPU_ISA", "avx512")
         with pytest.raises(RuntimeError, match="does not run"):
