@@ -320,7 +320,7 @@ class _Visit:
         sizes = self.bank.size_table
         count = int(queries.sum())
         average = float(sizes.sum()) / max(1, int((sizes > 0).sum()))
-        each = int(min(SEED_CLUSTERS, max(1.0, rows / (count * average))))
+        each = int(min(SEED_CLUSTERS, needed.shape[1], max(1.0, rows / (count * average))))
         ranked = torch.where(needed[queries], weights[queries], -math.inf).topk(each, dim=1)
         chosen = torch.zeros(needed.shape[1], dtype=torch.bool)
         chosen[ranked.indices[torch.isfinite(ranked.values)]] = True
