@@ -16,7 +16,7 @@ Data (everything offline):
 * ``isotropic``: unit Gaussian directions (d = 128), where no bound prunes;
 * ``text`` (``--data text``, needs the ``text`` extra, ~15 minutes the first time): MiniLM
   sentence embeddings of the installed Python's docstring sentences (d = 384, --text-rows);
-* ``tokens`` (``--data tokens``, the ``text`` extra, ~20 minutes the first time for 1e6):
+* ``tokens`` (``--data tokens``, the ``text`` extra, ~10 minutes the first time for 1e6):
   MiniLM's contextual token embeddings of those sentences (d = 384, --M of them).
 
 Queries are noisy copies of stored memories (noise ``sigma / sqrt(d)`` per coordinate, then unit
